@@ -1,0 +1,163 @@
+"""The chunked dual form of the memory update, in PyTorch (DESIGN section 2).
+
+Inside a chunk every gradient is taken at the chunk-start weights W_s, and each per-token gradient is
+a rank-one product delta_i x_i^T. The momentum and retention recurrences are linear scalar scans, so
+
+    gd:   W_t = A_t W_s - F_t S_s - sum_j M[t, j] delta_j x_j^T,     M = (L_A L_P diag(eta)) Gamma
+
+with A_t = prod alpha, L_A[t, m] = prod_{m<r<=t} alpha_r, L_P the same for theta, F = L_A P and Gamma
+the banded b x (b+c-1) Omega window matrix of the gates g. Reading W_t u then needs only matmuls with
+W_s, S_s and a masked b x (b+c-1) kernel (the polynomial kernel on unlifted q, k for the first
+layer), so per-token weights are never formed. The `muon` rule orthogonalises every token's
+momentum, which is non-linear; there S_t and W_t are materialised per token (same coefficients).
+Products of gates are built from log-space segment sums (no subtraction of running sums), in the
+compute dtype, which is at least fp32.
+"""
+from __future__ import annotations
+
+from typing import Dict, NamedTuple, Optional, Tuple
+
+import torch
+
+from kernels.newton_schulz import newton_schulz
+
+from .features import poly_features, poly_kernel
+from .inputs import finish, prepare
+from .memory_function import gradient_factors, memory_apply
+from .types import FIRST_LAYER, Gates, MemoryConfig, MemoryState
+
+Factors = Dict[str, Tuple[torch.Tensor, torch.Tensor]]
+
+
+def segment_products(log_x: torch.Tensor) -> torch.Tensor:
+    """[..., L] -> [..., L, L] with out[t, m] = prod_{m < r <= t} x_r for t >= m, else 0."""
+    length = log_x.shape[-1]
+    strict = torch.ones(length, length, dtype=torch.bool, device=log_x.device).tril(-1)
+    sums = log_x.unsqueeze(-1).expand(*log_x.shape, length).masked_fill(~strict, 0.0).cumsum(dim=-2)
+    return sums.exp().masked_fill(~strict.logical_or(torch.eye(length, dtype=torch.bool,
+                                                                device=log_x.device)), 0.0)
+
+
+class ChunkCoefficients(NamedTuple):
+    retain: torch.Tensor            # A_t = prod_{r<=t} alpha_r            [B, H, L]
+    retain_pairs: torch.Tensor      # L_A                                  [B, H, L, L]
+    momentum_carry: Optional[torch.Tensor]  # P_t = prod_{r<=t} theta_r   [B, H, L] (None: no momentum)
+    momentum_pairs: torch.Tensor    # L_P (identity without momentum)      [B, H, L, L]
+    window: torch.Tensor            # Gamma                                [B, H, L, L+c-1]
+
+
+def chunk_coefficients(alpha: torch.Tensor, theta: Optional[torch.Tensor], g_window: torch.Tensor,
+                       window: int) -> ChunkCoefficients:
+    """Gate algebra of one chunk: alpha, theta [B, H, L]; g_window [B, H, L+c-1] (window coordinates)."""
+    length = alpha.shape[-1]
+    log_alpha = alpha.log()
+    if theta is None:
+        carry = None
+        pairs = torch.eye(length, dtype=alpha.dtype, device=alpha.device).expand(*alpha.shape, length)
+    else:
+        log_theta = theta.log()
+        carry = log_theta.cumsum(-1).exp()
+        pairs = segment_products(log_theta)
+    # Gamma[t, j] = g_j for the window tokens j = t .. t+c-1 (window coordinates) of token t
+    rows = torch.arange(length, device=alpha.device)[:, None]
+    cols = torch.arange(length + window - 1, device=alpha.device)[None, :]
+    band = (cols >= rows) & (cols < rows + window)
+    return ChunkCoefficients(log_alpha.cumsum(-1).exp(), segment_products(log_alpha), carry, pairs,
+                             band.to(g_window.dtype) * g_window.unsqueeze(-2))
+
+
+def _outer_sum(coefficient: torch.Tensor, factors: Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """sum_j coefficient[..., j] delta_j x_j^T for delta [.., N, out], x [.., N, in] -> [.., out, in]."""
+    delta, inputs = factors
+    return (delta * coefficient.unsqueeze(-1)).mT @ inputs
+
+
+def _gd_chunk(cfg: MemoryConfig, coef: ChunkCoefficients, eta: torch.Tensor,
+              factors: Factors, weights: Dict[str, torch.Tensor], momentum: Dict[str, torch.Tensor],
+              first_kernel: torch.Tensor, u_q: torch.Tensor, residual):
+    """Outputs and chunk-end state for the `gd` rule, without per-token weights."""
+    mixing = (coef.retain_pairs @ (coef.momentum_pairs * eta.unsqueeze(-2))) @ coef.window
+    retain = coef.retain.unsqueeze(-1)
+    carry = None if coef.momentum_carry is None else (coef.retain_pairs @ coef.momentum_carry.unsqueeze(-1))
+
+    def linear(name: str, x: torch.Tensor) -> torch.Tensor:
+        delta, inputs = factors[name]
+        kernel = first_kernel if name in FIRST_LAYER else x @ inputs.mT
+        out = retain * (x @ weights[name].mT) - (mixing * kernel) @ delta
+        if carry is not None:
+            out = out - carry * (x @ momentum[name].mT)
+        return out
+
+    y = memory_apply(cfg.kind, linear, u_q, residual)
+    end_retain = coef.retain[..., -1, None, None]
+    momentum_weights = ((coef.momentum_pairs[..., -1:, :] * eta.unsqueeze(-2)) @ coef.window).squeeze(-2)
+    new_weights, new_momentum = {}, {}
+    for name in factors:
+        new_weights[name] = end_retain * weights[name] - _outer_sum(mixing[..., -1, :], factors[name])
+        new_momentum[name] = _outer_sum(momentum_weights, factors[name])
+        if carry is not None:
+            new_weights[name] = new_weights[name] - carry[..., -1, :, None] * momentum[name]
+            new_momentum[name] = new_momentum[name] + coef.momentum_carry[..., -1, None, None] * momentum[name]
+    return y, new_weights, new_momentum
+
+
+def _muon_chunk(cfg: MemoryConfig, coef: ChunkCoefficients, eta: torch.Tensor,
+                factors: Factors, weights: Dict[str, torch.Tensor], momentum: Dict[str, torch.Tensor],
+                u_q: torch.Tensor, residual):
+    """Outputs and chunk-end state for the `muon` rule: NS on every token's momentum."""
+    momentum_mixing = coef.momentum_pairs @ coef.window            # S_t from S_s and the factors
+    weight_mixing = coef.retain_pairs * eta.unsqueeze(-2)          # W_t from W_s and NS(S_m), m <= t
+    per_token = {}
+    new_weights, new_momentum = {}, {}
+    for name, (delta, inputs) in factors.items():
+        # S_t = P_t S_s + sum_j mixing[t, j] delta_j x_j^T, as one matmul over flattened outer products
+        outer = (delta.unsqueeze(-1) * inputs.unsqueeze(-2)).flatten(-2)
+        steps = (momentum_mixing @ outer).unflatten(-1, delta.shape[-1:] + inputs.shape[-1:])
+        if coef.momentum_carry is not None:
+            steps = steps + coef.momentum_carry[..., None, None] * momentum[name].unsqueeze(2)
+        orthogonal = newton_schulz(steps, cfg.ns_steps)
+        shape = orthogonal.shape
+        w_t = (coef.retain[..., None, None] * weights[name].unsqueeze(2)
+               - (weight_mixing @ orthogonal.flatten(-2)).view(shape))
+        per_token[name] = w_t
+        new_weights[name], new_momentum[name] = w_t[:, :, -1], steps[:, :, -1]
+
+    def linear(name: str, x: torch.Tensor) -> torch.Tensor:
+        return (per_token[name] @ x.unsqueeze(-1)).squeeze(-1)
+
+    return memory_apply(cfg.kind, linear, u_q, residual), new_weights, new_momentum
+
+
+def memory_forward_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: Gates,
+                           params: Dict[str, torch.Tensor], cfg: MemoryConfig,
+                           state: Optional[MemoryState] = None
+                           ) -> Tuple[torch.Tensor, MemoryState]:
+    prep = prepare(q, k, v, gates, params, cfg, state)
+    weights, momentum = prep.state.weights, prep.state.momentum
+    c, size = cfg.window, cfg.chunk
+    # Chunks come from split() (one backward concat), never from slicing per chunk, whose backward
+    # would allocate a full-length gradient for every chunk (quadratic in T). The window tokens are
+    # a rolling tail of the last c-1 tokens carried from chunk to chunk.
+    tails = [x[:, :, :c - 1] for x in (prep.k_win, prep.v_win, prep.g_win)]
+    pieces = [x[:, :, c - 1:].split(size, dim=2) for x in (prep.k_win, prep.v_win, prep.g_win)]
+    thetas = prep.theta.split(size, dim=2) if prep.theta is not None else [None] * len(pieces[0])
+    outputs = []
+    for q_c, k_c, v_c, g_c, alpha, eta, theta in zip(prep.q.split(size, dim=2), *pieces,
+                                                     prep.alpha.split(size, dim=2),
+                                                     prep.eta.split(size, dim=2), thetas):
+        k_w, v_w, g_w = (torch.cat([tail, new], dim=2) for tail, new in zip(tails, (k_c, v_c, g_c)))
+        tails = [x[:, :, x.shape[2] - (c - 1):] for x in (k_w, v_w, g_w)]
+        factors = gradient_factors(cfg.kind, cfg.loss, weights, poly_features(k_w, prep.a, cfg.degree),
+                                   k_w if prep.residual else torch.zeros_like(v_w), v_w)
+        coef = chunk_coefficients(alpha, theta, g_w, c)
+        u_q = poly_features(q_c, prep.a, cfg.degree)
+        residual = q_c if prep.residual else 0.0
+        if cfg.rule == "gd":
+            first_kernel = poly_kernel(q_c, k_w, prep.a, cfg.degree)
+            y, weights, momentum = _gd_chunk(cfg, coef, eta, factors, weights, momentum,
+                                             first_kernel, u_q, residual)
+        else:
+            y, weights, momentum = _muon_chunk(cfg, coef, eta, factors, weights, momentum, u_q, residual)
+        outputs.append(y)
+    y = torch.cat(outputs, dim=2) if outputs else prep.q.new_zeros(*prep.q.shape[:3], v.shape[-1])
+    return finish(prep, y, weights, momentum, cfg)

@@ -1,0 +1,47 @@
+"""Typed data configuration: which batch source feeds training and evaluation.
+
+`kind` selects the source and each kind keeps its own knobs in its own sub-section, so adding a
+source (e.g. `shards`) means adding one dataclass field here and one entry in `data.sources`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from megatron_atlas.model.config import ConfigError, _check_choice, _check_positive
+
+# data kind -> the DataConfig field that holds its knobs
+DATA_SECTIONS = {"synthetic_mqar": "mqar"}
+DATA_KINDS = tuple(DATA_SECTIONS)
+
+
+@dataclass
+class MQARDataConfig:
+    """Multi-query associative recall (zoology style), generated on the fly from a seed."""
+
+    vocab_size: Optional[int] = None   # None = model.vocab_size; keys use the lower half, values the upper
+    num_kv_pairs: int = 8
+    power_a: float = 0.01              # query gaps ~ a * g^(a-1): small a favours short gaps
+    random_non_queries: bool = True    # filler tokens random (True) or 0 (False)
+
+    def validate(self, prefix: str) -> None:
+        if self.vocab_size is not None:
+            _check_positive(f"{prefix}.vocab_size", self.vocab_size, minimum=4)
+        _check_positive(f"{prefix}.num_kv_pairs", self.num_kv_pairs)
+        if not 0.0 < self.power_a <= 1.0:
+            raise ConfigError(f"{prefix}.power_a={self.power_a!r} must be in (0, 1]")
+
+
+@dataclass
+class DataConfig:
+    kind: str = "synthetic_mqar"
+    eval_seed: int = 1_000_003         # held-out stream: training batches come from train.seed
+    eval_batches: int = 4              # evaluation batches of train.micro_batch_size sequences
+    mqar: MQARDataConfig = field(default_factory=MQARDataConfig)
+
+    def validate(self, prefix: str = "train.data") -> None:
+        _check_choice(f"{prefix}.kind", self.kind, DATA_KINDS)
+        _check_positive(f"{prefix}.eval_batches", self.eval_batches)
+        # Only the selected kind's section has to make sense.
+        section = DATA_SECTIONS[self.kind]
+        getattr(self, section).validate(f"{prefix}.{section}")

@@ -1,0 +1,128 @@
+"""The memory layer (DESIGN section 3): projections -> short conv -> SiLU -> L2 norm -> memory
+operator -> per-head RMSNorm -> output gate -> output projection.
+
+Decoding reproduces the chunked training semantics exactly: inside a chunk all inner gradients are
+taken at the chunk-start weights, so the cache keeps the state at the last chunk boundary plus the
+(fewer than `chunk`) projected tokens since, and re-reads the open chunk from that state.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kernels.memory import Gates, MemoryConfig, MemoryState, feature_dim, memory_forward
+
+from .config import ModelConfig
+from .layers import RMSNorm, ShortConv
+
+# Gate biases at init: retention ~0.993, inner lr ~0.12 * max_lr, momentum ~0.5, window gate ~0.88.
+_GATE_BIAS = {"alpha": 5.0, "eta": -2.0, "theta": 0.0, "g": 2.0}
+
+
+@dataclass
+class MemoryLayerCache:
+    conv: Optional[Tensor] = None                 # last conv_width-1 projected inputs
+    state: Optional[MemoryState] = None           # memory state at the last chunk boundary
+    pending: Dict[str, Tensor] = field(default_factory=dict)  # projected tokens since then
+
+
+class MemoryLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        mem = cfg.memory
+        self.heads, self.d_k, self.d_v = cfg.n_heads, cfg.mem_key_dim, cfg.resolved_head_dim
+        self.op_cfg = MemoryConfig(mem.kind, mem.rule, mem.loss, mem.window, mem.chunk, mem.degree,
+                                   mem.ns_steps)
+        self.impl, self.max_lr, self.momentum = mem.impl, mem.max_lr, mem.momentum
+        qk, vv = self.heads * self.d_k, self.heads * self.d_v
+        self.qkv = nn.Linear(cfg.d_model, 2 * qk + vv, bias=False)
+        self.conv = ShortConv(2 * qk + vv, mem.conv_width)
+        self.gate_names = ("alpha", "eta", "theta", "g") if mem.momentum else ("alpha", "eta", "g")
+        self.gates = nn.Linear(cfg.d_model, len(self.gate_names) * self.heads)
+        self.out_norm = RMSNorm(vv, cfg.norm_eps, groups=self.heads)
+        self.out_gate = nn.Linear(cfg.d_model, vv, bias=False)
+        self.out_proj = nn.Linear(vv, cfg.d_model, bias=False)
+        self.memory_params = nn.ParameterDict(self._initial_memory(cfg))
+        if mem.degree > 1:  # a_i = softplus(raw_i), initialised to 1/i! (a Taylor expansion of exp)
+            init = torch.tensor([1.0 / math.factorial(i) for i in range(mem.degree + 1)])
+            self.feature_coef_raw = nn.Parameter(init.expm1().log())
+        self._init_weights(cfg.init_std)
+
+    def _initial_memory(self, cfg: ModelConfig) -> Dict[str, nn.Parameter]:
+        width = feature_dim(self.d_k, cfg.memory.degree)
+        hidden = cfg.memory.expansion * self.d_v
+        shapes = {"linear": {"W": (self.d_v, width)},
+                  "mlp": {"W1": (self.d_v, hidden), "W2": (hidden, width)},
+                  "gated_mlp": {"W1": (self.d_v, hidden), "W2": (hidden, width), "W3": (hidden, width)}}
+        return {name: nn.Parameter(torch.randn(self.heads, *shape) * shape[1] ** -0.5)
+                for name, shape in shapes[cfg.memory.kind].items()}
+
+    def _init_weights(self, std: float) -> None:
+        for linear in (self.qkv, self.gates, self.out_gate, self.out_proj):
+            nn.init.normal_(linear.weight, std=std)
+        with torch.no_grad():
+            bias = self.gates.bias.view(len(self.gate_names), self.heads)
+            for i, name in enumerate(self.gate_names):
+                bias[i].fill_(_GATE_BIAS[name])
+
+    def operator_params(self) -> Dict[str, Tensor]:
+        params = dict(self.memory_params.items())
+        if self.op_cfg.degree > 1:
+            params["a"] = F.softplus(self.feature_coef_raw)
+        return params
+
+    def _project(self, x: Tensor, conv_cache: Optional[Tensor]) -> Tuple[Dict[str, Tensor], Tensor]:
+        """Per-token q, k, v [B, T, H, d] and gates [B, T, H] of the memory."""
+        batch, length, _ = x.shape
+        mixed, conv_cache = self.conv(self.qkv(x), conv_cache)
+        q, k, v = F.silu(mixed).split([self.heads * self.d_k] * 2 + [self.heads * self.d_v], dim=-1)
+        tokens = {"q": F.normalize(q.view(batch, length, self.heads, self.d_k), dim=-1),
+                  "k": F.normalize(k.view(batch, length, self.heads, self.d_k), dim=-1),
+                  "v": v.view(batch, length, self.heads, self.d_v)}
+        gate_dtype = torch.promote_types(x.dtype, torch.float32)
+        gate_values = torch.sigmoid(self.gates(x).to(gate_dtype)).view(
+            batch, length, len(self.gate_names), self.heads)
+        for i, name in enumerate(self.gate_names):
+            tokens[name] = gate_values[:, :, i]
+        tokens["eta"] = tokens["eta"] * self.max_lr
+        return tokens, conv_cache
+
+    def _memory(self, tokens: Dict[str, Tensor], state: Optional[MemoryState]):
+        gates = Gates(tokens["alpha"], tokens["eta"], tokens.get("theta"), tokens["g"])
+        return memory_forward(tokens["q"], tokens["k"], tokens["v"], gates, self.operator_params(),
+                              self.op_cfg, state=state, impl=self.impl)
+
+    def _read_with_cache(self, tokens: Dict[str, Tensor], cache: MemoryLayerCache) -> Tensor:
+        """Outputs for the new tokens; commits the state at every completed chunk boundary."""
+        new = tokens["q"].shape[1]
+        if cache.pending:
+            tokens = {n: torch.cat([cache.pending[n], t], dim=1) for n, t in tokens.items()}
+        total = tokens["q"].shape[1]
+        full = total - total % self.op_cfg.chunk
+        outputs = []
+        if full:
+            y, cache.state = self._memory({n: t[:, :full] for n, t in tokens.items()}, cache.state)
+            outputs.append(y)
+        cache.pending = {n: t[:, full:] for n, t in tokens.items()}
+        if total > full:
+            outputs.append(self._memory(cache.pending, cache.state)[0])
+        return torch.cat(outputs, dim=1)[:, total - new:]
+
+    def forward(self, x: Tensor, cache: Optional[MemoryLayerCache] = None
+                ) -> Tuple[Tensor, Optional[MemoryLayerCache]]:
+        tokens, conv_cache = self._project(x, None if cache is None else cache.conv)
+        if cache is None:
+            y = self._memory(tokens, None)[0]
+        else:
+            cache.conv = conv_cache
+            y = self._read_with_cache(tokens, cache)
+        y = self.out_norm(y.flatten(2).to(x.dtype))
+        return self.out_proj(y * torch.sigmoid(self.out_gate(x))), cache
+
+    def new_cache(self) -> MemoryLayerCache:
+        return MemoryLayerCache()

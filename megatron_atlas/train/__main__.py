@@ -1,0 +1,59 @@
+"""`python -m megatron_atlas.train model=NAME size=NAME [train=NAME] [key=value ...]`"""
+from __future__ import annotations
+
+import sys
+from typing import Optional, Sequence
+
+from megatron_atlas.configs import available, parse_cli, to_model_config, to_train_config
+from megatron_atlas.model.config import ConfigError
+
+USAGE = """\
+usage: python -m megatron_atlas.train model=NAME size=NAME [train=NAME] [KEY=VALUE ...]
+
+Train a language model. The run configuration is composed from three YAML files and then overrides:
+  configs/model/NAME.yaml   the architecture preset   {models}
+  configs/size/NAME.yaml    width, depth, vocabulary  {sizes}
+  configs/train/NAME.yaml   the recipe (default: default)  {trains}
+
+Overrides are dotted keys with YAML values and win over the files, e.g.
+  train.lr=1e-3  train.steps=50  train.schedule=wsd  model.n_layers=4  model.memory.window=2
+  train.data.mqar.num_kv_pairs=8  train.device=cpu  train.out_dir=runs/try1
+Sections: model.* (model.memory.*, model.attention.*) and train.* (train.data.*). An unknown key or
+a bad value stops the run with a message naming it.
+
+Outputs in train.out_dir: config.yaml (the resolved configuration) and metrics.jsonl (one JSON
+record per log line, eval and the final summary).
+
+examples:
+  python -m megatron_atlas.train model=atlas size=tiny train=tiny          # CPU demo, 1-3 minutes
+  python -m megatron_atlas.train model=titans size=tiny train=tiny train.steps=100
+  python -m megatron_atlas.train model=atlas_mag size=170M                 # paper recipe
+"""
+
+
+def usage() -> str:
+    return USAGE.format(**{f"{g}s": ", ".join(available(g)) for g in ("model", "size", "train")})
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or any(a in ("-h", "--help", "help") for a in argv):
+        print(usage())
+        return 0
+    try:
+        cfg = parse_cli(argv)
+        model_cfg, train_cfg = to_model_config(cfg), to_train_config(cfg)
+    except ConfigError as e:
+        print(f"config error: {e}\n(see python -m megatron_atlas.train --help)", file=sys.stderr)
+        return 2
+    from megatron_atlas.train.loop import train   # torch import only once the config is good
+    try:
+        train(model_cfg, train_cfg)
+    except FloatingPointError as e:
+        print(f"training stopped: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""Typed training configuration (also the omegaconf schema of the `train` section)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from megatron_atlas.data.config import DataConfig
+from megatron_atlas.model.config import ConfigError, _check_choice, _check_positive
+
+SCHEDULES = ("cosine", "wsd", "constant")
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def _check_range(key: str, value: float, low: float, high: float, *, open_low: bool = False) -> None:
+    ok = (low < value if open_low else low <= value) and value <= high
+    if not ok:
+        raise ConfigError(f"{key}={value!r} must be in {'(' if open_low else '['}{low}, {high}]")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000                 # optimizer steps
+    micro_batch_size: int = 8         # sequences per forward/backward
+    grad_accum: int = 1               # micro-batches per optimizer step
+    seq_len: int = 4096
+    lr: float = 3e-3                  # peak learning rate
+    min_lr_ratio: float = 0.1         # final lr = lr * min_lr_ratio (cosine, wsd)
+    warmup_steps: int = 100           # linear warmup from lr / warmup_steps
+    schedule: str = "cosine"          # cosine | wsd | constant
+    decay_fraction: float = 0.2       # wsd: share of the steps spent decaying
+    weight_decay: float = 0.1         # applied to parameters with >= 2 dims only
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0            # max global grad norm; 0 = no clipping
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 100             # 0 = only at the end
+    device: str = "auto"              # auto | cpu | cuda
+    precision: str = "auto"           # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    out_dir: str = "runs/default"
+    data: DataConfig = field(default_factory=DataConfig)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.micro_batch_size * self.grad_accum * self.seq_len
+
+    def validate(self, prefix: str = "train") -> "TrainConfig":
+        for key in ("steps", "micro_batch_size", "grad_accum", "seq_len", "log_every"):
+            _check_positive(f"{prefix}.{key}", getattr(self, key))
+        for key in ("warmup_steps", "eval_every", "seed"):
+            _check_positive(f"{prefix}.{key}", getattr(self, key), minimum=0)
+        _check_choice(f"{prefix}.schedule", self.schedule, SCHEDULES)
+        _check_choice(f"{prefix}.device", self.device, DEVICES)
+        _check_choice(f"{prefix}.precision", self.precision, PRECISIONS)
+        _check_range(f"{prefix}.lr", self.lr, 0.0, 1.0, open_low=True)
+        _check_range(f"{prefix}.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        _check_range(f"{prefix}.decay_fraction", self.decay_fraction, 0.0, 1.0)
+        _check_range(f"{prefix}.weight_decay", self.weight_decay, 0.0, 1.0)
+        _check_range(f"{prefix}.beta1", self.beta1, 0.0, 0.999999)
+        _check_range(f"{prefix}.beta2", self.beta2, 0.0, 0.999999)
+        _check_range(f"{prefix}.eps", self.eps, 0.0, 1.0, open_low=True)
+        _check_range(f"{prefix}.grad_clip", self.grad_clip, 0.0, float("inf"))
+        if not self.out_dir:
+            raise ConfigError(f"{prefix}.out_dir must not be empty")
+        self.data.validate(f"{prefix}.data")
+        return self

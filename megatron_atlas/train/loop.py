@@ -1,0 +1,167 @@
+"""The training loop, nanoGPT style: a few small functions that the entry point strings together.
+
+    train(model_cfg, train_cfg)      build model, optimizer and data; step; log; evaluate; summarise
+    train_step(...)                  one optimizer step over `grad_accum` micro-batches
+    evaluate(...)                    mean loss and accuracy on held-out batches
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import time
+from pathlib import Path
+from typing import Callable, ContextManager, Sequence
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from megatron_atlas.data.sources import BatchSource, build_source
+from megatron_atlas.data.synthetic import IGNORE_INDEX, accuracy
+from megatron_atlas.model import build_model
+from megatron_atlas.model.config import ModelConfig
+from megatron_atlas.train.config import TrainConfig
+from megatron_atlas.train.metrics import (MetricsWriter, Progress, format_duration, format_rate,
+                                          progress_line)
+from megatron_atlas.train.optim import build_optimizer
+from megatron_atlas.train.schedule import lr_at
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+AutocastFactory = Callable[[], ContextManager]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is available; use train.device=cpu")
+    return torch.device(name)
+
+
+def autocast_for(device: torch.device, precision: str) -> AutocastFactory:
+    """Parameters and optimizer state stay fp32; `bf16` runs the forward under autocast."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return functools.partial(torch.autocast, device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed cross entropy over the labelled positions (fp32 whatever the autocast dtype)."""
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batches: Sequence[Batch],
+               grad_clip: float, autocast: AutocastFactory = contextlib.nullcontext) -> tuple[float, float]:
+    """Forward/backward every micro-batch, clip, step. Returns (loss, grad norm before clipping).
+
+    Each micro-batch's summed loss is divided by the labelled-token count of the whole step, so the
+    accumulated gradient is exactly that of one batch holding all micro-batches, however the labels
+    are spread over them. The optimizer does not step when the grad norm is not finite.
+    """
+    n_labels = int(sum((labels != IGNORE_INDEX).sum() for _, labels in micro_batches))   # one sync
+    optimizer.zero_grad(set_to_none=True)
+    total = 0.0
+    for input_ids, labels in micro_batches:
+        with autocast():
+            logits = model(input_ids)
+        loss = loss_sum(logits, labels) / max(1, n_labels)
+        loss.backward()
+        total = total + loss.detach()   # stays on the device: no sync per micro-batch
+    max_norm = grad_clip if grad_clip > 0 else float("inf")   # inf: measure the norm, clip nothing
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+    if math.isfinite(grad_norm):   # a nan/inf step would poison every parameter; the caller stops
+        optimizer.step()
+    return float(total), grad_norm
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: Sequence[Batch],
+             autocast: AutocastFactory = contextlib.nullcontext) -> dict[str, float]:
+    """Loss per labelled token and accuracy of the argmax prediction at the labelled positions."""
+    was_training = model.training
+    model.eval()
+    loss, correct, count = 0.0, 0.0, 0
+    for input_ids, labels in batches:
+        with autocast():
+            logits = model(input_ids)
+        n = int((labels != IGNORE_INDEX).sum())
+        loss += float(loss_sum(logits, labels))
+        correct += accuracy(logits, labels) * n if n else 0.0
+        count += n
+    model.train(was_training)
+    return {"loss": loss / max(1, count), "accuracy": correct / max(1, count)}
+
+
+def _to(batch: Batch, device: torch.device) -> Batch:
+    return batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+
+
+def _micro_batches(source: BatchSource, step: int, grad_accum: int, device: torch.device) -> list[Batch]:
+    return [_to(source.batch(step * grad_accum + j), device) for j in range(grad_accum)]
+
+
+def train(model_cfg: ModelConfig, cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
+    """Runs `cfg.steps` optimizer steps; returns the summary that is also logged and written."""
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    autocast = autocast_for(device, cfg.precision)
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml({"model": model_cfg, "train": cfg}))
+
+    data = dict(batch_size=cfg.micro_batch_size, seq_len=cfg.seq_len, model_vocab=model_cfg.vocab_size)
+    train_source = build_source(cfg.data, seed=cfg.seed, **data)
+    eval_source = build_source(cfg.data, seed=cfg.data.eval_seed, **data)
+    eval_batches = [_to(eval_source.batch(i), device) for i in range(cfg.data.eval_batches)]
+    model = build_model(model_cfg).to(device)
+    optimizer = build_optimizer(model, cfg)
+
+    log(f"model {model_cfg.preset} (block {model_cfg.block}): {model.num_parameters() / 1e6:.3f}M params, "
+        f"{model.num_parameters(exclude_embeddings=True) / 1e6:.3f}M without embeddings | device "
+        f"{device.type} | {cfg.steps} steps x {cfg.tokens_per_step} tokens "
+        f"({cfg.micro_batch_size} x {cfg.grad_accum} x {cfg.seq_len}) | out {out_dir}")
+    metrics = MetricsWriter(out_dir / "metrics.jsonl")
+    progress = Progress(cfg.steps, cfg.tokens_per_step)
+    result: dict[str, float] = {}
+    for step in range(cfg.steps):
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batches = _micro_batches(train_source, step, cfg.grad_accum, device)
+        loss, grad_norm = train_step(model, optimizer, batches, cfg.grad_clip, autocast)
+        progress.add(loss)
+        done = step + 1
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            metrics.write("error", step=done, loss=loss, grad_norm=grad_norm)
+            metrics.close()
+            raise FloatingPointError(f"step {done}: loss {loss}, grad norm {grad_norm}; the parameters "
+                                     "are those before this step (no optimizer step was taken)")
+
+        if done % cfg.log_every == 0 or done in (1, cfg.steps):
+            record = progress.report()
+            log(progress_line(done, cfg.steps, record["loss"], lr, grad_norm, record["tokens_per_s"],
+                              record["eta_s"]))
+            metrics.write("train", step=done, lr=lr, grad_norm=grad_norm,
+                          tokens=done * cfg.tokens_per_step, **record)
+
+        if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
+            eval_start = time.perf_counter()
+            result = evaluate(model, eval_batches, autocast)
+            progress.exclude(time.perf_counter() - eval_start)
+            log(f"eval step {done} | loss {result['loss']:.4f} | accuracy {result['accuracy']:.3f}")
+            metrics.write("eval", step=done, **result)
+
+    # first: the first step's loss; final: the mean over the last logging interval (less noisy).
+    elapsed = time.perf_counter() - progress.start
+    first, last = progress.losses[0], record["loss"]
+    summary = {"steps": cfg.steps, "elapsed_s": elapsed, "first_loss": first, "final_loss": last,
+               "eval_loss": result["loss"], "eval_accuracy": result["accuracy"],
+               "tokens_per_s": cfg.steps * cfg.tokens_per_step / elapsed}
+    metrics.write("summary", **summary)
+    metrics.close()
+    log(f"done: {cfg.steps} steps in {format_duration(elapsed)} | loss {first:.4f} -> {last:.4f} | "
+        f"eval loss {result['loss']:.4f} accuracy {result['accuracy']:.3f} | "
+        f"{format_rate(summary['tokens_per_s'])} tok/s | metrics {metrics.path}")
+    return summary

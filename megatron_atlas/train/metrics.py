@@ -1,0 +1,76 @@
+"""Run metrics: one JSON record per line in `out_dir/metrics.jsonl`, and the console lines."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+
+class MetricsWriter:
+    """Appends records (`{"kind": "train" | "eval" | "summary", ...}`) to a JSONL file, flushed
+    per record so a crashed or running job can be read."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._file = path.open("w")
+
+    def write(self, kind: str, **fields: Any) -> None:
+        self._file.write(json.dumps({"kind": kind, **fields}) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def format_rate(tokens_per_s: float) -> str:
+    return f"{tokens_per_s / 1e3:.1f}k" if tokens_per_s >= 1e3 else f"{tokens_per_s:.0f}"
+
+
+def progress_line(step: int, steps: int, loss: float, lr: float, grad_norm: float, tokens_per_s: float,
+                  eta_s: float) -> str:
+    width = len(str(steps))
+    return (f"step {step:>{width}}/{steps} | loss {loss:.4f} | lr {lr:.2e} | gnorm {grad_norm:.3f} | "
+            f"{format_rate(tokens_per_s)} tok/s | eta {format_duration(eta_s)}")
+
+
+class Progress:
+    """Loss and throughput since the last report, and the ETA of the run.
+
+    Evaluation time is excluded from tokens/s (`exclude`) but stays in the ETA, which it is part of.
+    """
+
+    def __init__(self, steps: int, tokens_per_step: int) -> None:
+        self.steps, self.tokens_per_step = steps, tokens_per_step
+        self.start = self._mark = time.perf_counter()
+        self.losses: list[float] = []
+        self._reported = 0
+
+    def add(self, loss: float) -> None:
+        self.losses.append(loss)
+
+    def exclude(self, seconds: float) -> None:
+        self._mark += seconds
+
+    def report(self) -> dict[str, float]:
+        now, done = time.perf_counter(), len(self.losses)
+        interval = self.losses[self._reported:]
+        record = {
+            "loss": sum(interval) / max(1, len(interval)),
+            "tokens_per_s": len(interval) * self.tokens_per_step / max(now - self._mark, 1e-9),
+            "eta_s": (now - self.start) / max(1, done) * (self.steps - done),
+            "elapsed_s": now - self.start,
+        }
+        self._mark, self._reported = now, done
+        return record
