@@ -39,31 +39,39 @@ def test_preset_overfits_a_batch(preset):
     assert losses[-1] < 0.6 * losses[0], losses
 
 
+def _float64_model_and_ids(cfg, batch: int, length: int, seed: int):
+    torch.manual_seed(0)
+    model = build_model(cfg).double().eval()
+    ids = torch.randint(0, cfg.vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))
+    return model, ids
+
+
+@torch.no_grad()
+def _decode(model, ids, prompt: int):
+    """Logits of `ids` through the cache: the first `prompt` tokens at once, then one at a time."""
+    cache = model.new_cache(ids.shape[0])
+    pieces = [model.step(ids[:, :prompt], cache)] if prompt else []
+    pieces += [model.step(ids[:, t:t + 1], cache) for t in range(prompt, ids.shape[1])]
+    return torch.cat(pieces, dim=1)
+
+
 @pytest.mark.parametrize("preset", PRESETS)
 def test_cached_decoding_equals_full_forward(preset):
     # chunk 4 and window 6 make 23 tokens cross several chunk and window boundaries
-    cfg = _tiny(preset, "model.memory.chunk=4", "model.attention.window=6")
-    torch.manual_seed(0)
-    model = build_model(cfg).double().eval()
-    ids = torch.randint(0, cfg.vocab_size, (2, 23), generator=torch.Generator().manual_seed(2))
+    model, ids = _float64_model_and_ids(_tiny(preset, "model.memory.chunk=4", "model.attention.window=6"),
+                                        batch=2, length=23, seed=2)
     with torch.no_grad():
         full = model(ids)
-        cache = model.new_cache(2)
-        pieces = [model.step(ids[:, :7], cache)]                  # a prompt, then one token at a time
-        pieces += [model.step(ids[:, t:t + 1], cache) for t in range(7, 23)]
-    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(_decode(model, ids, prompt=7), full, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("preset", ["atlas_mag", "titans"])
 def test_persistent_tokens_decode_and_change_outputs(preset):
     cfg = _tiny(preset, "model.n_persist=3", "model.memory.chunk=4", "model.attention.window=5")
-    torch.manual_seed(0)
-    model = build_model(cfg).double().eval()
-    ids = torch.randint(0, cfg.vocab_size, (1, 15), generator=torch.Generator().manual_seed(3))
+    model, ids = _float64_model_and_ids(cfg, batch=1, length=15, seed=3)
     with torch.no_grad():
         full = model(ids)
-        cache = model.new_cache(1)
-        stepped = torch.cat([model.step(ids[:, t:t + 1], cache) for t in range(15)], dim=1)
+        stepped = _decode(model, ids, prompt=0)
         model.persistent.add_(1.0)
         shifted = model(ids)
     torch.testing.assert_close(stepped, full, rtol=1e-10, atol=1e-10)

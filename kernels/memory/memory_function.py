@@ -6,23 +6,21 @@ same network definition.
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Dict, Tuple
 
 import torch
 import torch.nn.functional as F
 
 Linear = Callable[[str, torch.Tensor], torch.Tensor]
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
 def gelu(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="none")
 
 
-def gelu_grad(x: torch.Tensor) -> torch.Tensor:
-    """d gelu / dx for the exact (erf) GELU: Phi(x) + x phi(x)."""
-    return 0.5 * (1.0 + torch.erf(x * math.sqrt(0.5))) + x * torch.exp(-0.5 * x * x) * _INV_SQRT_2PI
+def gelu_backward(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """grad * gelu'(x) for the exact GELU, as one fused (and twice-differentiable) op."""
+    return torch.ops.aten.gelu_backward(grad, x, approximate="none")
 
 
 def memory_apply(kind: str, linear: Linear, u: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -70,8 +68,8 @@ def gradient_factors(kind: str, loss: str, weights: Dict[str, torch.Tensor], u: 
     d_hidden = error @ weights["W1"]
     factors = {"W1": (error, hidden)}
     if kind == "gated_mlp":
-        factors["W2"] = (d_hidden * gate * gelu_grad(pre), u)
+        factors["W2"] = (gelu_backward(d_hidden * gate, pre), u)
         factors["W3"] = (d_hidden * act, u)
     else:
-        factors["W2"] = (d_hidden * gelu_grad(pre), u)
+        factors["W2"] = (gelu_backward(d_hidden, pre), u)
     return factors
