@@ -66,10 +66,16 @@ def chunk_coefficients(alpha: torch.Tensor, theta: Optional[torch.Tensor], g_win
                              band.to(g_window.dtype) * g_window.unsqueeze(-2))
 
 
-def _outer_sum(coefficient: torch.Tensor, factors: Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """sum_j coefficient[..., j] delta_j x_j^T for delta [.., N, out], x [.., N, in] -> [.., out, in]."""
+def _plus_outer_sum(base: Optional[torch.Tensor], coefficient: torch.Tensor,
+                    factors: Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """base + sum_j coefficient[..., j] delta_j x_j^T for delta [.., N, out], x [.., N, in].
+
+    Accumulates in place into the matmul's fresh output (autograd needs neither): state-sized
+    temporaries dominate the memory traffic of the chunk loop.
+    """
     delta, inputs = factors
-    return (delta * coefficient.unsqueeze(-1)).mT @ inputs
+    out = (delta * coefficient.unsqueeze(-1)).mT @ inputs
+    return out if base is None else out.add_(base)
 
 
 def _gd_chunk(cfg: MemoryConfig, coef: ChunkCoefficients, eta: torch.Tensor,
@@ -93,11 +99,12 @@ def _gd_chunk(cfg: MemoryConfig, coef: ChunkCoefficients, eta: torch.Tensor,
     momentum_weights = ((coef.momentum_pairs[..., -1:, :] * eta.unsqueeze(-2)) @ coef.window).squeeze(-2)
     new_weights, new_momentum = {}, {}
     for name in factors:
-        new_weights[name] = end_retain * weights[name] - _outer_sum(mixing[..., -1, :], factors[name])
-        new_momentum[name] = _outer_sum(momentum_weights, factors[name])
-        if carry is not None:
-            new_weights[name] = new_weights[name] - carry[..., -1, :, None] * momentum[name]
-            new_momentum[name] = new_momentum[name] + coef.momentum_carry[..., -1, None, None] * momentum[name]
+        base_w, base_s = end_retain * weights[name], None
+        if carry is not None:   # in place on fresh products, which autograd does not keep
+            base_w = base_w.addcmul_(carry[..., -1, :, None], momentum[name], value=-1.0)
+            base_s = coef.momentum_carry[..., -1, None, None] * momentum[name]
+        new_weights[name] = _plus_outer_sum(base_w, -mixing[..., -1, :], factors[name])
+        new_momentum[name] = _plus_outer_sum(base_s, momentum_weights, factors[name])
     return y, new_weights, new_momentum
 
 
