@@ -89,25 +89,37 @@ def test_cli_reports_config_errors(capsys):
 
 
 class _NaNModel(torch.nn.Module):
-    """Logits are nan: the loop must stop without stepping the optimizer."""
+    """Logits are nan on the calls listed in `bad_calls` (all calls if None)."""
 
-    def __init__(self, vocab: int) -> None:
+    def __init__(self, vocab: int, bad_calls=None) -> None:
         super().__init__()
         self.logits = torch.nn.Embedding(vocab, vocab)
+        self.bad_calls, self.calls = bad_calls, 0
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.logits(input_ids) * float("nan")
+        self.calls += 1
+        bad = self.bad_calls is None or self.calls in self.bad_calls
+        return self.logits(input_ids) * (float("nan") if bad else 1.0)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         return 0 if exclude_embeddings else self.logits.weight.numel()
 
 
-def test_non_finite_loss_stops_the_run_before_the_update(tmp_path, monkeypatch):
-    model_cfg, cfg = _tiny("dla", "train.steps=5", f"train.out_dir={tmp_path}")
+def test_non_finite_steps_in_a_row_stop_the_run_without_updates(tmp_path, monkeypatch):
+    model_cfg, cfg = _tiny("dla", "train.steps=5", "train.max_bad_steps=3", f"train.out_dir={tmp_path}")
     model = _NaNModel(model_cfg.vocab_size)
     before = model.logits.weight.detach().clone()
     monkeypatch.setattr("megatron_atlas.train.loop.build_model", lambda _: model)
-    with pytest.raises(FloatingPointError, match="step 1"):
+    with pytest.raises(FloatingPointError, match="3 steps in a row"):
         train(model_cfg, cfg, log=lambda line: None)
     assert torch.equal(model.logits.weight, before)
-    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["kind"] == "error"
+    last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert (last["kind"], last["step"], last["in_a_row"]) == ("skipped", 3, 3)
+
+
+def test_an_isolated_non_finite_step_is_skipped_and_counted(tmp_path, monkeypatch):
+    model_cfg, cfg = _tiny("dla", "train.steps=4", "train.eval_every=0", f"train.out_dir={tmp_path}")
+    model = _NaNModel(model_cfg.vocab_size, bad_calls={2})      # the second training step
+    monkeypatch.setattr("megatron_atlas.train.loop.build_model", lambda _: model)
+    summary = train(model_cfg, cfg, log=lambda line: None)
+    assert summary["skipped_steps"] == 1 and len(summary["losses"]) == 3

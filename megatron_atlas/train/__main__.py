@@ -21,13 +21,17 @@ Overrides are dotted keys with YAML values and win over the files, e.g.
 Sections: model.* (model.memory.*, model.attention.*) and train.* (train.data.*). An unknown key or
 a bad value stops the run with a message naming it.
 
-Outputs in train.out_dir: config.yaml (the resolved configuration) and metrics.jsonl (one JSON
-record per log line, eval and the final summary).
+Outputs in train.out_dir: config.yaml (the resolved configuration), metrics.jsonl (one JSON
+record per log line, eval, skipped step and the final summary) and checkpoints/ (every
+train.save_every steps and at the end; written atomically, `latest` updated last, the newest
+train.keep_last kept). train.resume=auto continues from the latest checkpoint in train.out_dir
+(bit-exact on CPU); train.exit_at_step=N stops after step N with a checkpoint, for time-limited jobs.
 
 examples:
   python -m megatron_atlas.train model=atlas size=tiny train=tiny          # CPU demo, 1-3 minutes
   python -m megatron_atlas.train model=titans size=tiny train=tiny train.steps=100
   python -m megatron_atlas.train model=atlas_mag size=170M                 # paper recipe
+  python -m megatron_atlas.train model=atlas_mag size=170M train.save_every=500 train.resume=auto
 """
 
 

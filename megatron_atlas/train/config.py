@@ -39,6 +39,12 @@ class TrainConfig:
     device: str = "auto"              # auto | cpu | cuda
     precision: str = "auto"           # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
     out_dir: str = "runs/default"
+    save_every: int = 0               # checkpoint every N steps (0: only at the end)
+    keep_last: int = 3                # complete checkpoints kept (0: all)
+    resume: str = "none"              # none | auto (latest checkpoint in out_dir, if any) | a path
+    max_bad_steps: int = 5            # non-finite loss/grad steps are skipped; stop after this many in a row
+    exit_at_step: int = 0             # end this run (with a checkpoint) after this step, keeping the
+                                      # schedule of `steps`: for jobs with a time limit; 0 = off
     data: DataConfig = field(default_factory=DataConfig)
 
     @property
@@ -46,9 +52,9 @@ class TrainConfig:
         return self.micro_batch_size * self.grad_accum * self.seq_len
 
     def validate(self, prefix: str = "train") -> "TrainConfig":
-        for key in ("steps", "micro_batch_size", "grad_accum", "seq_len", "log_every"):
+        for key in ("steps", "micro_batch_size", "grad_accum", "seq_len", "log_every", "max_bad_steps"):
             _check_positive(f"{prefix}.{key}", getattr(self, key))
-        for key in ("warmup_steps", "eval_every", "seed"):
+        for key in ("warmup_steps", "eval_every", "seed", "save_every", "keep_last", "exit_at_step"):
             _check_positive(f"{prefix}.{key}", getattr(self, key), minimum=0)
         _check_choice(f"{prefix}.schedule", self.schedule, SCHEDULES)
         _check_choice(f"{prefix}.device", self.device, DEVICES)
@@ -61,6 +67,8 @@ class TrainConfig:
         _check_range(f"{prefix}.beta2", self.beta2, 0.0, 0.999999)
         _check_range(f"{prefix}.eps", self.eps, 0.0, 1.0, open_low=True)
         _check_range(f"{prefix}.grad_clip", self.grad_clip, 0.0, float("inf"))
+        if not self.resume:
+            raise ConfigError(f"{prefix}.resume must be none, auto or a checkpoint folder")
         if not self.out_dir:
             raise ConfigError(f"{prefix}.out_dir must not be empty")
         self.data.validate(f"{prefix}.data")

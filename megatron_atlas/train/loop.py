@@ -21,6 +21,8 @@ from megatron_atlas.data.sources import BatchSource, build_source
 from megatron_atlas.data.synthetic import IGNORE_INDEX, accuracy
 from megatron_atlas.model import build_model
 from megatron_atlas.model.config import ModelConfig
+from megatron_atlas.train.checkpoint import (find_latest, load_checkpoint, rng_state, save_checkpoint,
+                                             set_rng_state)
 from megatron_atlas.train.config import TrainConfig
 from megatron_atlas.train.metrics import (MetricsWriter, Progress, format_duration, format_rate,
                                           progress_line)
@@ -102,14 +104,50 @@ def _micro_batches(source: BatchSource, step: int, grad_accum: int, device: torc
     return [_to(source.batch(step * grad_accum + j), device) for j in range(grad_accum)]
 
 
+def _resume(cfg: TrainConfig, out_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            log: Callable[[str], None]) -> int:
+    """Loads the checkpoint `cfg.resume` selects into model and optimizer; returns its step (0: none)."""
+    if cfg.resume == "none":
+        return 0
+    path = find_latest(out_dir) if cfg.resume == "auto" else Path(cfg.resume)
+    if path is None:
+        log(f"resume=auto: no checkpoint under {out_dir}; starting from step 0")
+        return 0
+    state = load_checkpoint(path)
+    loader = state["loader"]
+    if (loader["seed"], loader["micro_batch_size"]) != (cfg.seed, cfg.micro_batch_size):
+        raise ValueError(f"checkpoint {path} was written with train.seed={loader['seed']} and "
+                         f"train.micro_batch_size={loader['micro_batch_size']}; this run has "
+                         f"{cfg.seed} and {cfg.micro_batch_size}, so the data order would not continue")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    set_rng_state(state["rng"])
+    if loader["micro_batches"] != state["step"] * cfg.grad_accum:
+        raise ValueError(f"checkpoint {path}: {loader['micro_batches']} micro-batches consumed in "
+                         f"{state['step']} steps does not match train.grad_accum={cfg.grad_accum}")
+    log(f"resumed from {path} at step {state['step']}")
+    return state["step"]
+
+
+def _save(cfg: TrainConfig, out_dir: Path, step: int, model: torch.nn.Module,
+          optimizer: torch.optim.Optimizer, config_yaml: str) -> Path:
+    # the sources are random access by micro-batch index, so the loader state is a count
+    loader = {"seed": cfg.seed, "micro_batch_size": cfg.micro_batch_size, "micro_batches": step * cfg.grad_accum}
+    state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "rng": rng_state(), "loader": loader}
+    return save_checkpoint(out_dir, step, state, config_yaml, cfg.keep_last)
+
+
 def train(model_cfg: ModelConfig, cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
-    """Runs `cfg.steps` optimizer steps; returns the summary that is also logged and written."""
+    """Runs optimizer steps up to `cfg.steps` (from a checkpoint when resuming); returns the summary
+    that is also logged and written."""
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     autocast = autocast_for(device, cfg.precision)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml({"model": model_cfg, "train": cfg}))
+    config_yaml = OmegaConf.to_yaml({"model": model_cfg, "train": cfg})
+    (out_dir / "config.yaml").write_text(config_yaml)
 
     data = dict(batch_size=cfg.micro_batch_size, seq_len=cfg.seq_len, model_vocab=model_cfg.vocab_size)
     train_source = build_source(cfg.data, seed=cfg.seed, **data)
@@ -117,49 +155,74 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, log: Callable[[str], None] =
     eval_batches = [_to(eval_source.batch(i), device) for i in range(cfg.data.eval_batches)]
     model = build_model(model_cfg).to(device)
     optimizer = build_optimizer(model, cfg)
+    start_step = _resume(cfg, out_dir, model, optimizer, log)
 
     log(f"model {model_cfg.preset} (block {model_cfg.block}): {model.num_parameters() / 1e6:.3f}M params, "
         f"{model.num_parameters(exclude_embeddings=True) / 1e6:.3f}M without embeddings | device "
         f"{device.type} | {cfg.steps} steps x {cfg.tokens_per_step} tokens "
         f"({cfg.micro_batch_size} x {cfg.grad_accum} x {cfg.seq_len}) | out {out_dir}")
-    metrics = MetricsWriter(out_dir / "metrics.jsonl")
-    progress = Progress(cfg.steps, cfg.tokens_per_step)
+    if start_step >= cfg.steps:
+        log(f"nothing to do: the checkpoint is at step {start_step} and train.steps={cfg.steps}")
+        return {"steps": cfg.steps, **evaluate(model, eval_batches, autocast), "losses": []}
+    metrics = MetricsWriter(out_dir / "metrics.jsonl", append=start_step > 0)
+    last_step = min(cfg.steps, cfg.exit_at_step) if cfg.exit_at_step > start_step else cfg.steps
+    progress = Progress(last_step - start_step, cfg.tokens_per_step)
     result: dict[str, float] = {}
-    for step in range(cfg.steps):
+    record: dict[str, float] = {}
+    bad_in_a_row = skipped = 0
+    for step in range(start_step, cfg.steps):
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
         batches = _micro_batches(train_source, step, cfg.grad_accum, device)
         loss, grad_norm = train_step(model, optimizer, batches, cfg.grad_clip, autocast)
-        progress.add(loss)
         done = step + 1
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            metrics.write("error", step=done, loss=loss, grad_norm=grad_norm)
-            metrics.close()
-            raise FloatingPointError(f"step {done}: loss {loss}, grad norm {grad_norm}; the parameters "
-                                     "are those before this step (no optimizer step was taken)")
+            # train_step took no optimizer step: the parameters are those before this batch
+            bad_in_a_row, skipped = bad_in_a_row + 1, skipped + 1
+            metrics.write("skipped", step=done, loss=loss, grad_norm=grad_norm, in_a_row=bad_in_a_row)
+            log(f"step {done}: loss {loss}, grad norm {grad_norm}: skipped ({bad_in_a_row} in a row)")
+            if bad_in_a_row >= cfg.max_bad_steps:
+                metrics.close()
+                raise FloatingPointError(
+                    f"{bad_in_a_row} steps in a row with a non-finite loss or gradient (last: step {done}); "
+                    f"stopping (train.max_bad_steps={cfg.max_bad_steps}). The last checkpoint is in "
+                    f"{out_dir / 'checkpoints'}; try a lower train.lr or model.memory.max_lr")
+            continue
+        bad_in_a_row = 0
+        progress.add(loss)
 
-        if done % cfg.log_every == 0 or done in (1, cfg.steps):
+        exiting = done == cfg.exit_at_step
+        if done % cfg.log_every == 0 or done in (start_step + 1, cfg.steps) or exiting:
             record = progress.report()
             log(progress_line(done, cfg.steps, record["loss"], lr, grad_norm, record["tokens_per_s"],
                               record["eta_s"]))
             metrics.write("train", step=done, lr=lr, grad_norm=grad_norm,
                           tokens=done * cfg.tokens_per_step, **record)
 
-        if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
+        if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps or exiting:
             eval_start = time.perf_counter()
             result = evaluate(model, eval_batches, autocast)
             progress.exclude(time.perf_counter() - eval_start)
             log(f"eval step {done} | loss {result['loss']:.4f} | accuracy {result['accuracy']:.3f}")
             metrics.write("eval", step=done, **result)
 
+        if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps or exiting:
+            path = _save(cfg, out_dir, done, model, optimizer, config_yaml)
+            log(f"checkpoint step {done} -> {path}")
+        if exiting:
+            log(f"train.exit_at_step={done}: stopping; continue with train.resume=auto")
+            break
+
     # first: the first step's loss; final: the mean over the last logging interval (less noisy).
     elapsed = time.perf_counter() - progress.start
     first, last = progress.losses[0], record["loss"]
     summary = {"steps": cfg.steps, "elapsed_s": elapsed, "first_loss": first, "final_loss": last,
                "eval_loss": result["loss"], "eval_accuracy": result["accuracy"],
-               "tokens_per_s": cfg.steps * cfg.tokens_per_step / elapsed}
+               "tokens_per_s": len(progress.losses) * cfg.tokens_per_step / elapsed,
+               "skipped_steps": skipped}
     metrics.write("summary", **summary)
+    summary["losses"] = progress.losses   # per step, for callers; not written to the JSONL
     metrics.close()
     log(f"done: {cfg.steps} steps in {format_duration(elapsed)} | loss {first:.4f} -> {last:.4f} | "
         f"eval loss {result['loss']:.4f} accuracy {result['accuracy']:.3f} | "

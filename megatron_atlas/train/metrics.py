@@ -12,10 +12,10 @@ class MetricsWriter:
     """Appends records (`{"kind": "train" | "eval" | "summary", ...}`) to a JSONL file, flushed
     per record so a crashed or running job can be read."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, append: bool = False) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._file = path.open("w")
+        self._file = path.open("a" if append else "w")   # a resumed run continues the file
 
     def write(self, kind: str, **fields: Any) -> None:
         self._file.write(json.dumps({"kind": kind, **fields}) + "\n")

@@ -1,0 +1,109 @@
+"""Documents out of input files, in a fixed order, with bad input counted rather than fatal.
+
+Plain text files (one document per file), JSONL (one document per line, in a `text` field) and
+Parquet (a `text` column; needs pyarrow). Folders are walked in sorted order, so the same inputs give
+the same document sequence on every machine.
+"""
+from __future__ import annotations
+
+import json
+import sysconfig
+from collections import Counter
+from pathlib import Path
+from typing import Iterator, Sequence
+
+JSONL_SUFFIXES = {".jsonl", ".ndjson"}
+PARQUET_SUFFIXES = {".parquet"}
+SKIP_DIRS = {"__pycache__", "site-packages", ".git"}
+
+
+class BadInputError(RuntimeError):
+    pass
+
+
+def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
+    """Files as given; folders replaced by their files (recursive, sorted, hidden files left out)."""
+    files: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            files += sorted(p for p in item.rglob("*") if p.is_file()
+                            and not any(part.startswith(".") or part in SKIP_DIRS
+                                        for part in p.relative_to(item).parts))
+        else:
+            files.append(item)   # a missing file is reported when it is read
+    return files
+
+
+def default_corpus() -> list[Path]:
+    """The Python standard library's own sources and docs: a corpus every machine has (no download)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return [p for p in expand_inputs([root]) if p.suffix in (".py", ".rst", ".txt")]
+
+
+def _decode(data: bytes, counts: Counter) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        counts["non_utf8"] += 1   # kept, with U+FFFD in place of the bad bytes
+        return data.decode("utf-8", errors="replace")
+
+
+def _jsonl(data: bytes, field: str, counts: Counter) -> Iterator[str]:
+    for line in data.splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(_decode(line, counts))
+        except json.JSONDecodeError:
+            counts["bad_json"] += 1
+            continue
+        text = record.get(field) if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            counts["missing_field"] += 1
+            continue
+        yield text
+
+
+def _parquet(path: Path, field: str, counts: Counter) -> Iterator[str]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise BadInputError(f"{path}: Parquet input needs the pyarrow package (pip install pyarrow)") from None
+    table = pq.read_table(path)
+    if field not in table.column_names:
+        raise BadInputError(f"{path}: no column {field!r} (columns: {', '.join(table.column_names)})")
+    for text in table.column(field).to_pylist():
+        if isinstance(text, str):
+            yield text
+        else:
+            counts["missing_field"] += 1
+
+
+def iter_documents(files: Sequence[Path], counts: Counter, *, text_field: str = "text",
+                   skip_bad_files: bool = False) -> Iterator[str]:
+    """Non-empty documents of every file in order. `counts` gains: files, bytes, documents and the
+    skips (non_utf8 (kept, decoded with replacement), empty, missing_field, bad_json, bad_files)."""
+    for path in files:
+        try:
+            if path.suffix in PARQUET_SUFFIXES:
+                counts["bytes"] += path.stat().st_size
+                texts: Iterator[str] = _parquet(path, text_field, counts)
+            else:
+                data = path.read_bytes()
+                counts["bytes"] += len(data)
+                texts = (_jsonl(data, text_field, counts) if path.suffix in JSONL_SUFFIXES
+                         else iter([_decode(data, counts)]))
+            docs = list(texts)   # read the whole file here, so an error names it
+        except (OSError, BadInputError) as e:
+            if not skip_bad_files:
+                raise BadInputError(f"cannot read input {path}: {e} (--skip-bad-files skips and counts "
+                                    "such files)") from None
+            counts["bad_files"] += 1
+            continue
+        counts["files"] += 1
+        for text in docs:
+            if not text.strip():
+                counts["empty"] += 1
+                continue
+            counts["documents"] += 1
+            yield text

@@ -1,0 +1,73 @@
+"""The on-disk shard format (DESIGN section 5), shared by the writer (`data.prepare`) and the reader
+(`data.shards`).
+
+    DIR/index.json                 written last: a folder without it is incomplete
+    DIR/tokenizer.json             the tokenizer the ids come from (its sha256 is in index.json)
+    DIR/{split}-{NNNNNN}.tar       webdataset shards: plain ustar tar files
+
+Each sample is one window of `seq_len + 1` token ids: tar member `sample-XXXXXXXX.tokens.u16` (or
+`.u32`), whose payload is the raw little-endian ids with no header (webdataset key
+`sample-XXXXXXXX`, field `tokens.u16`; decode with `np.frombuffer(payload, "<u2")`). Raw bytes
+rather than `.npy` keep every member the same size, so a reader can map a shard once and slice
+windows out of it without parsing anything per sample. Sample numbers run over the whole split.
+Headers carry no time, user or mode, so the same input gives byte-identical shards.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FORMAT = "megatron-atlas-shards/1"
+INDEX = "index.json"
+TOKENIZER = "tokenizer.json"
+DTYPES = {"uint16": "<u2", "uint32": "<u4"}
+EXTENSIONS = {"uint16": "tokens.u16", "uint32": "tokens.u32"}
+
+
+def token_dtype(vocab_size: int) -> str:
+    """uint16 when every id fits, else uint32."""
+    return "uint16" if vocab_size <= 1 << 16 else "uint32"
+
+
+def shard_name(split: str, number: int) -> str:
+    return f"{split}-{number:06d}.tar"
+
+
+def sample_member(sample: int, dtype: str) -> str:
+    return f"sample-{sample:08d}.{EXTENSIONS[dtype]}"
+
+
+def write_shard(path: Path, windows: np.ndarray, first_sample: int, dtype: str) -> None:
+    """Writes `windows` [n, seq_len + 1] as one shard: to a temporary name, then renamed into place,
+    so a shard under its final name is always complete."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    data = np.ascontiguousarray(windows, dtype=DTYPES[dtype])
+    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for row, window in enumerate(data):
+            info = tarfile.TarInfo(sample_member(first_sample + row, dtype))
+            info.size, info.mtime, info.mode = window.nbytes, 0, 0o644
+            tar.addfile(info, io.BytesIO(window.tobytes()))
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def read_index(root: str | Path) -> dict:
+    path = Path(root) / INDEX
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: not a shard folder, or tools/prepare_data.py has not "
+                                "finished writing it")
+    index = json.loads(path.read_text())
+    if index.get("format") != FORMAT:
+        raise ValueError(f"{path}: format {index.get('format')!r}, expected {FORMAT!r}")
+    return index
