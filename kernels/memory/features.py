@@ -28,7 +28,9 @@ def _monomials(d: int, degree: int) -> Tuple[torch.Tensor, torch.Tensor]:
         multinomial = math.factorial(degree) // math.prod(math.factorial(c) for c in counts)
         index.append(combo)
         weight.append(math.sqrt(multinomial))
-    return torch.tensor(index, dtype=torch.long), torch.tensor(weight, dtype=torch.float64)
+    # explicit device: the cache must not capture a tensor made under a `torch.device("meta")` context
+    return (torch.tensor(index, dtype=torch.long, device="cpu"),
+            torch.tensor(weight, dtype=torch.float64, device="cpu"))
 
 
 def poly_features(x: torch.Tensor, a: torch.Tensor, degree: int) -> torch.Tensor:

@@ -11,7 +11,7 @@ from typing import Optional
 from megatron_atlas.model.config import ConfigError, _check_choice, _check_positive
 
 # data kind -> the DataConfig field that holds its knobs
-DATA_SECTIONS = {"synthetic_mqar": "mqar"}
+DATA_SECTIONS = {"synthetic_mqar": "mqar", "shards": "shards"}
 DATA_KINDS = tuple(DATA_SECTIONS)
 
 
@@ -33,11 +33,28 @@ class MQARDataConfig:
 
 
 @dataclass
+class ShardsDataConfig:
+    """Token shards written by tools/prepare_data.py (format: data/shard_format.py)."""
+
+    path: str = ""                     # the folder holding index.json
+    train_split: str = "train"
+    val_split: str = "val"             # evaluation batches come from this split
+    seed: Optional[int] = None         # sample order; None = train.seed
+
+    def validate(self, prefix: str) -> None:
+        if not self.path:
+            raise ConfigError(f"{prefix}.path must name a shard folder (made by tools/prepare_data.py)")
+        if not self.train_split or not self.val_split:
+            raise ConfigError(f"{prefix}.train_split and {prefix}.val_split must not be empty")
+
+
+@dataclass
 class DataConfig:
     kind: str = "synthetic_mqar"
     eval_seed: int = 1_000_003         # held-out stream: training batches come from train.seed
     eval_batches: int = 4              # evaluation batches of train.micro_batch_size sequences
     mqar: MQARDataConfig = field(default_factory=MQARDataConfig)
+    shards: ShardsDataConfig = field(default_factory=ShardsDataConfig)
 
     def validate(self, prefix: str = "train.data") -> None:
         _check_choice(f"{prefix}.kind", self.kind, DATA_KINDS)

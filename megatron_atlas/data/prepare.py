@@ -174,6 +174,8 @@ def prepare(args: PrepareArgs, files: Sequence[Path], log: Callable[[str], None]
     root = Path(args.out_dir)
     plan = _plan(args, files)
     if args.overwrite and root.exists():
+        if any(root.iterdir()) and not (root / PLAN).is_file():   # never wipe a folder we did not write
+            raise ValueError(f"--overwrite: {root} is not a prepare_data output folder; not deleting it")
         shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
     plan_path = root / PLAN

@@ -5,7 +5,7 @@ and a resumed run asks for the same batches again.
 """
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Optional, Protocol
 
 import torch
 
@@ -20,8 +20,17 @@ class BatchSource(Protocol):
         ...
 
 
-def build_source(cfg: DataConfig, *, batch_size: int, seq_len: int, model_vocab: int,
-                 seed: int) -> BatchSource:
+def build_source(cfg: DataConfig, *, batch_size: int, seq_len: int, model_vocab: int, seed: int,
+                 split: Optional[str] = None, dp_rank: int = 0, dp_size: int = 1) -> BatchSource:
+    """`split` is "train" or "eval". None infers it from the seed: the loop asks for its evaluation
+    stream with `seed=cfg.eval_seed`, so that seed selects the held-out split of sources that have one."""
+    if split is None:
+        split = "eval" if seed == cfg.eval_seed else "train"
+    if split not in ("train", "eval"):
+        raise ValueError(f"split={split!r} must be 'train' or 'eval'")
+    if cfg.kind == "shards":
+        return _shard_source(cfg, batch_size=batch_size, seq_len=seq_len, model_vocab=model_vocab,
+                             seed=seed, split=split, dp_rank=dp_rank, dp_size=dp_size)
     if cfg.kind == "synthetic_mqar":
         mqar = cfg.mqar
         vocab = mqar.vocab_size or model_vocab
@@ -33,3 +42,22 @@ def build_source(cfg: DataConfig, *, batch_size: int, seq_len: int, model_vocab:
         except ValueError as e:
             raise ConfigError(f"train.data.mqar does not fit train.seq_len / the vocabulary: {e}") from None
     raise ConfigError(f"train.data.kind={cfg.kind!r} has no source")   # DataConfig.validate lists kinds
+
+
+def _shard_source(cfg: DataConfig, *, batch_size: int, seq_len: int, model_vocab: int, seed: int,
+                  split: str, dp_rank: int, dp_size: int) -> BatchSource:
+    from megatron_atlas.data.shards import ShardSource   # numpy/tarfile only when shards are used
+
+    shards = cfg.shards
+    name = shards.train_split if split == "train" else shards.val_split
+    # Training order follows shards.seed (or train.seed); evaluation always reads the same batches.
+    order_seed = shards.seed if split == "train" and shards.seed is not None else seed
+    try:
+        source = ShardSource(shards.path, name, batch_size=batch_size, seq_len=seq_len, seed=order_seed,
+                             dp_rank=dp_rank, dp_size=dp_size)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"train.data.shards (path={shards.path!r}, split {name!r}): {e}") from None
+    if source.vocab_size > model_vocab:
+        raise ConfigError(f"the shards in {shards.path} use {source.vocab_size} token ids, more than "
+                          f"model.vocab_size={model_vocab}; set model.vocab_size>={source.vocab_size}")
+    return source

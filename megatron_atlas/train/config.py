@@ -42,6 +42,7 @@ class TrainConfig:
     save_every: int = 0               # checkpoint every N steps (0: only at the end)
     keep_last: int = 3                # complete checkpoints kept (0: all)
     resume: str = "none"              # none | auto (latest checkpoint in out_dir, if any) | a path
+    peak_tflops: float = 0.0          # per-device peak for MFU (e.g. 989 for H100 bf16); 0 = not shown
     max_bad_steps: int = 5            # non-finite loss/grad steps are skipped; stop after this many in a row
     exit_at_step: int = 0             # end this run (with a checkpoint) after this step, keeping the
                                       # schedule of `steps`: for jobs with a time limit; 0 = off
@@ -67,6 +68,7 @@ class TrainConfig:
         _check_range(f"{prefix}.beta2", self.beta2, 0.0, 0.999999)
         _check_range(f"{prefix}.eps", self.eps, 0.0, 1.0, open_low=True)
         _check_range(f"{prefix}.grad_clip", self.grad_clip, 0.0, float("inf"))
+        _check_range(f"{prefix}.peak_tflops", self.peak_tflops, 0.0, float("inf"))
         if not self.resume:
             raise ConfigError(f"{prefix}.resume must be none, auto or a checkpoint folder")
         if not self.out_dir:

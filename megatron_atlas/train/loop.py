@@ -19,11 +19,12 @@ from omegaconf import OmegaConf
 
 from megatron_atlas.data.sources import BatchSource, build_source
 from megatron_atlas.data.synthetic import IGNORE_INDEX, accuracy
-from megatron_atlas.model import build_model
+from megatron_atlas.model import build_model, resolve_ffn_hidden
 from megatron_atlas.model.config import ModelConfig
 from megatron_atlas.train.checkpoint import (find_latest, load_checkpoint, rng_state, save_checkpoint,
                                              set_rng_state)
 from megatron_atlas.train.config import TrainConfig
+from megatron_atlas.train.flops import mfu, training_flops_per_token
 from megatron_atlas.train.metrics import (MetricsWriter, Progress, format_duration, format_rate,
                                           progress_line)
 from megatron_atlas.train.optim import build_optimizer
@@ -164,6 +165,9 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, log: Callable[[str], None] =
     if start_step >= cfg.steps:
         log(f"nothing to do: the checkpoint is at step {start_step} and train.steps={cfg.steps}")
         return {"steps": cfg.steps, **evaluate(model, eval_batches, autocast), "losses": []}
+    flops_per_token = training_flops_per_token(resolve_ffn_hidden(model_cfg), cfg.seq_len)
+    log(f"training FLOPs per token at seq_len {cfg.seq_len}: {flops_per_token / 1e6:,.2f} M "
+        f"(6N would say {6 * model.num_parameters(exclude_embeddings=True) / 1e6:,.2f} M)")
     metrics = MetricsWriter(out_dir / "metrics.jsonl", append=start_step > 0)
     last_step = min(cfg.steps, cfg.exit_at_step) if cfg.exit_at_step > start_step else cfg.steps
     progress = Progress(last_step - start_step, cfg.tokens_per_step)
@@ -195,10 +199,11 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, log: Callable[[str], None] =
         exiting = done == cfg.exit_at_step
         if done % cfg.log_every == 0 or done in (start_step + 1, cfg.steps) or exiting:
             record = progress.report()
+            record["mfu"] = mfu(flops_per_token, record["tokens_per_s"], cfg.peak_tflops)
             log(progress_line(done, cfg.steps, record["loss"], lr, grad_norm, record["tokens_per_s"],
-                              record["eta_s"]))
-            metrics.write("train", step=done, lr=lr, grad_norm=grad_norm,
-                          tokens=done * cfg.tokens_per_step, **record)
+                              record["eta_s"], record["mfu"]))
+            metrics.write("train", step=done, lr=lr, grad_norm=grad_norm, tokens=done * cfg.tokens_per_step,
+                          flops=done * cfg.tokens_per_step * flops_per_token, **record)
 
         if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps or exiting:
             eval_start = time.perf_counter()

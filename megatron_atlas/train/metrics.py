@@ -39,10 +39,11 @@ def format_rate(tokens_per_s: float) -> str:
 
 
 def progress_line(step: int, steps: int, loss: float, lr: float, grad_norm: float, tokens_per_s: float,
-                  eta_s: float) -> str:
+                  eta_s: float, mfu: float = 0.0) -> str:
     width = len(str(steps))
+    mfu_part = f" | mfu {100 * mfu:.1f}%" if mfu > 0 else ""
     return (f"step {step:>{width}}/{steps} | loss {loss:.4f} | lr {lr:.2e} | gnorm {grad_norm:.3f} | "
-            f"{format_rate(tokens_per_s)} tok/s | eta {format_duration(eta_s)}")
+            f"{format_rate(tokens_per_s)} tok/s{mfu_part} | eta {format_duration(eta_s)}")
 
 
 class Progress:
