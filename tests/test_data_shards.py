@@ -186,12 +186,12 @@ def test_build_source_reads_train_and_val_splits(shards):
     cfg = DataConfig(kind="shards", shards=ShardsDataConfig(path=str(shards)))
     cfg.validate()
     kw = dict(batch_size=2, seq_len=SEQ, model_vocab=300)
-    train = build_source(cfg, seed=0, **kw)
-    val = build_source(cfg, seed=cfg.eval_seed, **kw)
+    train = build_source(cfg, seed=0, split="train", **kw)
+    val = build_source(cfg, seed=cfg.eval_seed, split="eval", **kw)
     assert train.split == "train" and val.split == "val"
     assert train.batch(0)[0].shape == (2, SEQ)
     with pytest.raises(ConfigError, match="model.vocab_size"):
-        build_source(cfg, seed=0, batch_size=2, seq_len=SEQ, model_vocab=256)
+        build_source(cfg, seed=0, split="train", batch_size=2, seq_len=SEQ, model_vocab=256)
     with pytest.raises(ConfigError, match="path"):
         DataConfig(kind="shards").validate()
 

@@ -5,7 +5,7 @@ and a resumed run asks for the same batches again.
 """
 from __future__ import annotations
 
-from typing import Optional, Protocol
+from typing import Protocol
 
 import torch
 
@@ -21,11 +21,8 @@ class BatchSource(Protocol):
 
 
 def build_source(cfg: DataConfig, *, batch_size: int, seq_len: int, model_vocab: int, seed: int,
-                 split: Optional[str] = None, dp_rank: int = 0, dp_size: int = 1) -> BatchSource:
-    """`split` is "train" or "eval". None infers it from the seed: the loop asks for its evaluation
-    stream with `seed=cfg.eval_seed`, so that seed selects the held-out split of sources that have one."""
-    if split is None:
-        split = "eval" if seed == cfg.eval_seed else "train"
+                 split: str, dp_rank: int = 0, dp_size: int = 1) -> BatchSource:
+    """`split` is "train" or "eval" (the held-out split of sources that have one)."""
     if split not in ("train", "eval"):
         raise ValueError(f"split={split!r} must be 'train' or 'eval'")
     if cfg.kind == "shards":

@@ -53,6 +53,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from megatron_atlas.train.loop import train   # torch import only once the config is good
     try:
         train(model_cfg, train_cfg)
+    except ConfigError as e:   # found once the data are opened, e.g. a bad shard path
+        print(f"config error: {e}\n(see python -m megatron_atlas.train --help)", file=sys.stderr)
+        return 2
     except FloatingPointError as e:
         print(f"training stopped: {e}", file=sys.stderr)
         return 1

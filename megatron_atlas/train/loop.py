@@ -94,7 +94,8 @@ def evaluate(model: torch.nn.Module, batches: Sequence[Batch],
         correct += accuracy(logits, labels) * n if n else 0.0
         count += n
     model.train(was_training)
-    return {"loss": loss / max(1, count), "accuracy": correct / max(1, count)}
+    mean = loss / max(1, count)
+    return {"loss": mean, "perplexity": math.exp(min(mean, 50.0)), "accuracy": correct / max(1, count)}
 
 
 def _to(batch: Batch, device: torch.device) -> Batch:
@@ -151,8 +152,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, log: Callable[[str], None] =
     (out_dir / "config.yaml").write_text(config_yaml)
 
     data = dict(batch_size=cfg.micro_batch_size, seq_len=cfg.seq_len, model_vocab=model_cfg.vocab_size)
-    train_source = build_source(cfg.data, seed=cfg.seed, **data)
-    eval_source = build_source(cfg.data, seed=cfg.data.eval_seed, **data)
+    train_source = build_source(cfg.data, seed=cfg.seed, split="train", **data)
+    eval_source = build_source(cfg.data, seed=cfg.data.eval_seed, split="eval", **data)
     eval_batches = [_to(eval_source.batch(i), device) for i in range(cfg.data.eval_batches)]
     model = build_model(model_cfg).to(device)
     optimizer = build_optimizer(model, cfg)
@@ -209,7 +210,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, log: Callable[[str], None] =
             eval_start = time.perf_counter()
             result = evaluate(model, eval_batches, autocast)
             progress.exclude(time.perf_counter() - eval_start)
-            log(f"eval step {done} | loss {result['loss']:.4f} | accuracy {result['accuracy']:.3f}")
+            log(f"eval step {done} | loss {result['loss']:.4f} | ppl {result['perplexity']:.2f} | "
+                f"accuracy {result['accuracy']:.3f}")
             metrics.write("eval", step=done, **result)
 
         if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps or exiting:
