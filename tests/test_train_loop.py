@@ -62,6 +62,14 @@ def test_short_run_lowers_the_loss_and_writes_metrics(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "eval"] == [15, 30]
     assert records[-1]["kind"] == "summary" and (tmp_path / "config.yaml").exists()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    board = EventAccumulator(str(tmp_path / "tensorboard"))
+    board.Reload()
+    train_losses = {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
+    logged = {e.step: e.value for e in board.Scalars("train/loss")}
+    assert logged.keys() == train_losses.keys()
+    assert all(abs(logged[s] - train_losses[s]) < 1e-5 for s in logged)
+    assert [e.step for e in board.Scalars("eval/perplexity")] == [15, 30]
 
 
 def test_gradient_accumulation_equals_one_big_batch():
@@ -123,3 +131,12 @@ def test_an_isolated_non_finite_step_is_skipped_and_counted(tmp_path, monkeypatc
     monkeypatch.setattr("megatron_atlas.train.loop.build_model", lambda _: model)
     summary = train(model_cfg, cfg, log=lambda line: None)
     assert summary["skipped_steps"] == 1 and len(summary["losses"]) == 3
+
+
+def test_compiled_training_matches_eager(tmp_path):
+    runs = []
+    for compiled in (False, True):
+        model_cfg, cfg = _tiny("transformer", "train.steps=3", "train.seq_len=32", "train.eval_every=0",
+                               f"train.compile={compiled}", f"train.out_dir={tmp_path / str(compiled)}")
+        runs.append(train(model_cfg, cfg, log=lambda line: None)["losses"])
+    assert runs[0] == pytest.approx(runs[1], rel=1e-4)

@@ -42,6 +42,8 @@ class TrainConfig:
     save_every: int = 0               # checkpoint every N steps (0: only at the end)
     keep_last: int = 3                # complete checkpoints kept (0: all)
     resume: str = "none"              # none | auto (latest checkpoint in out_dir, if any) | a path
+    compile: bool = False             # torch.compile the model for the training and eval steps
+    tensorboard: bool = True          # also write TensorBoard scalars to out_dir/tensorboard
     peak_tflops: float = 0.0          # per-device peak for MFU (e.g. 989 for H100 bf16); 0 = not shown
     max_bad_steps: int = 5            # non-finite loss/grad steps are skipped; stop after this many in a row
     exit_at_step: int = 0             # end this run (with a checkpoint) after this step, keeping the

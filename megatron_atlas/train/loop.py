@@ -166,10 +166,13 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, log: Callable[[str], None] =
     if start_step >= cfg.steps:
         log(f"nothing to do: the checkpoint is at step {start_step} and train.steps={cfg.steps}")
         return {"steps": cfg.steps, **evaluate(model, eval_batches, autocast), "losses": []}
+    # the compiled wrapper shares the parameters; checkpoints are taken from `model` itself
+    step_model = torch.compile(model) if cfg.compile else model
     flops_per_token = training_flops_per_token(resolve_ffn_hidden(model_cfg), cfg.seq_len)
     log(f"training FLOPs per token at seq_len {cfg.seq_len}: {flops_per_token / 1e6:,.2f} M "
         f"(6N would say {6 * model.num_parameters(exclude_embeddings=True) / 1e6:,.2f} M)")
-    metrics = MetricsWriter(out_dir / "metrics.jsonl", append=start_step > 0)
+    metrics = MetricsWriter(out_dir / "metrics.jsonl", append=start_step > 0,
+                            tensorboard_dir=out_dir / "tensorboard" if cfg.tensorboard else None)
     last_step = min(cfg.steps, cfg.exit_at_step) if cfg.exit_at_step > start_step else cfg.steps
     progress = Progress(last_step - start_step, cfg.tokens_per_step)
     result: dict[str, float] = {}
@@ -180,7 +183,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, log: Callable[[str], None] =
         for group in optimizer.param_groups:
             group["lr"] = lr
         batches = _micro_batches(train_source, step, cfg.grad_accum, device)
-        loss, grad_norm = train_step(model, optimizer, batches, cfg.grad_clip, autocast)
+        loss, grad_norm = train_step(step_model, optimizer, batches, cfg.grad_clip, autocast)
         done = step + 1
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             # train_step took no optimizer step: the parameters are those before this batch
@@ -208,7 +211,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, log: Callable[[str], None] =
 
         if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps or exiting:
             eval_start = time.perf_counter()
-            result = evaluate(model, eval_batches, autocast)
+            result = evaluate(step_model, eval_batches, autocast)
             progress.exclude(time.perf_counter() - eval_start)
             log(f"eval step {done} | loss {result['loss']:.4f} | ppl {result['perplexity']:.2f} | "
                 f"accuracy {result['accuracy']:.3f}")

@@ -1,28 +1,41 @@
-"""Run metrics: one JSON record per line in `out_dir/metrics.jsonl`, and the console lines."""
+"""Run metrics: one JSON record per line in `out_dir/metrics.jsonl`, TensorBoard scalars, and the
+console lines."""
 from __future__ import annotations
 
 import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 
 class MetricsWriter:
-    """Appends records (`{"kind": "train" | "eval" | "summary", ...}`) to a JSONL file, flushed
-    per record so a crashed or running job can be read."""
+    """Appends records (`{"kind": "train" | "eval" | "skipped" | "summary", ...}`) to a JSONL file,
+    flushed per record so a crashed or running job can be read; with `tensorboard_dir`, the numeric
+    fields of records that carry a `step` also go to TensorBoard as `kind/field`."""
 
-    def __init__(self, path: Path, append: bool = False) -> None:
+    def __init__(self, path: Path, append: bool = False, tensorboard_dir: Optional[Path] = None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._file = path.open("a" if append else "w")   # a resumed run continues the file
+        self._board = None
+        if tensorboard_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter   # needs the tensorboard package
+            self._board = SummaryWriter(str(tensorboard_dir))
 
     def write(self, kind: str, **fields: Any) -> None:
         self._file.write(json.dumps({"kind": kind, **fields}) + "\n")
         self._file.flush()
+        if self._board is not None and "step" in fields:
+            for name, value in fields.items():
+                if name != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                    self._board.add_scalar(f"{kind}/{name}", value, fields["step"])
+            self._board.flush()
 
     def close(self) -> None:
         self._file.close()
+        if self._board is not None:
+            self._board.close()
 
 
 def format_duration(seconds: float) -> str:
