@@ -68,11 +68,6 @@ class MemoryState:
     window_v: torch.Tensor
     window_g: torch.Tensor
 
-    def detach(self) -> "MemoryState":
-        return MemoryState({n: w.detach() for n, w in self.weights.items()},
-                           {n: s.detach() for n, s in self.momentum.items()},
-                           self.window_k.detach(), self.window_v.detach(), self.window_g.detach())
-
 
 def initial_state(params: Dict[str, torch.Tensor], cfg: MemoryConfig, batch: int, d_k: int,
                   d_v: int, dtype: torch.dtype, device: torch.device) -> MemoryState:

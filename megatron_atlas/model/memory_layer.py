@@ -38,7 +38,7 @@ class MemoryLayer(nn.Module):
         self.heads, self.d_k, self.d_v = cfg.n_heads, cfg.mem_key_dim, cfg.resolved_head_dim
         self.op_cfg = MemoryConfig(mem.kind, mem.rule, mem.loss, mem.window, mem.chunk, mem.degree,
                                    mem.ns_steps)
-        self.impl, self.max_lr, self.momentum = mem.impl, mem.max_lr, mem.momentum
+        self.impl, self.max_lr = mem.impl, mem.max_lr
         qk, vv = self.heads * self.d_k, self.heads * self.d_v
         self.qkv = nn.Linear(cfg.d_model, 2 * qk + vv, bias=False)
         self.conv = ShortConv(2 * qk + vv, mem.conv_width)
