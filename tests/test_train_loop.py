@@ -125,12 +125,17 @@ def test_non_finite_steps_in_a_row_stop_the_run_without_updates(tmp_path, monkey
     assert (last["kind"], last["step"], last["in_a_row"]) == ("skipped", 3, 3)
 
 
-def test_an_isolated_non_finite_step_is_skipped_and_counted(tmp_path, monkeypatch):
+@pytest.mark.parametrize("bad_step", [2, 4])   # a middle step, and the last one
+def test_an_isolated_non_finite_step_is_skipped_and_counted(tmp_path, monkeypatch, bad_step):
     model_cfg, cfg = _tiny("dla", "train.steps=4", "train.eval_every=0", f"train.out_dir={tmp_path}")
-    model = _NaNModel(model_cfg.vocab_size, bad_calls={2})      # the second training step
+    model = _NaNModel(model_cfg.vocab_size, bad_calls={bad_step})
     monkeypatch.setattr("megatron_atlas.train.loop.build_model", lambda _: model)
     summary = train(model_cfg, cfg, log=lambda line: None)
     assert summary["skipped_steps"] == 1 and len(summary["losses"]) == 3
+    # the run still ends with its final evaluation and checkpoint
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [4]
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step-00000004"
 
 
 def test_compiled_training_matches_eager(tmp_path):

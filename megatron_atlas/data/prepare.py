@@ -24,6 +24,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
+from megatron_atlas.atomic import replaced_on_success
 from megatron_atlas.data.documents import iter_documents
 from megatron_atlas.data.shard_format import (DTYPES, FORMAT, INDEX, TOKENIZER, read_index, shard_name,
                                               token_dtype, write_json_atomic, write_shard)
@@ -161,9 +162,8 @@ def _load_or_train_tokenizer(args: PrepareArgs, files: Sequence[Path], root: Pat
                 break
         log(f"training a byte-level BPE of {args.vocab_size} ids on {size / 1e6:.1f} MB of text")
         tok = train_bpe(texts, args.vocab_size)
-    tmp = saved.with_name(f".{TOKENIZER}.tmp")
-    tok.save(tmp)
-    os.replace(tmp, saved)
+    with replaced_on_success(saved) as tmp:
+        tok.save(tmp)
     return tok
 
 

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import tarfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from megatron_atlas.atomic import replaced_on_success, write_text_atomic
 
 FORMAT = "megatron-atlas-shards/1"
 INDEX = "index.json"
@@ -46,20 +47,16 @@ def sample_member(sample: int, dtype: str) -> str:
 def write_shard(path: Path, windows: np.ndarray, first_sample: int, dtype: str) -> None:
     """Writes `windows` [n, seq_len + 1] as one shard: to a temporary name, then renamed into place,
     so a shard under its final name is always complete."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     data = np.ascontiguousarray(windows, dtype=DTYPES[dtype])
-    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+    with replaced_on_success(path) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
         for row, window in enumerate(data):
             info = tarfile.TarInfo(sample_member(first_sample + row, dtype))
             info.size, info.mtime, info.mode = window.nbytes, 0, 0o644
             tar.addfile(info, io.BytesIO(window.tobytes()))
-    os.replace(tmp, path)
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
 
 def read_index(root: str | Path) -> dict:

@@ -47,13 +47,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         cfg = parse_cli(argv)
         model_cfg, train_cfg = to_model_config(cfg), to_train_config(cfg)
-    except ConfigError as e:
-        print(f"config error: {e}\n(see python -m megatron_atlas.train --help)", file=sys.stderr)
-        return 2
-    from megatron_atlas.train.loop import train   # torch import only once the config is good
-    try:
+        from megatron_atlas.train.loop import train   # torch import only once the config is good
         train(model_cfg, train_cfg)
-    except ConfigError as e:   # found once the data are opened, e.g. a bad shard path
+    except ConfigError as e:   # from the files and overrides, or once the data are opened
         print(f"config error: {e}\n(see python -m megatron_atlas.train --help)", file=sys.stderr)
         return 2
     except FloatingPointError as e:

@@ -17,9 +17,11 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, BinaryIO, Callable, Dict, Optional
 
 import torch
+
+from megatron_atlas.atomic import fsync_path, write_text_atomic
 
 LATEST = "latest"
 STATE_FILE = "state.pt"
@@ -44,19 +46,11 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_file(path: Path, write) -> None:
+def _write_file(path: Path, write: Callable[[BinaryIO], Any]) -> None:
+    """A file inside the temporary checkpoint folder (the folder's rename is the atomic step)."""
     with open(path, "wb") as f:
         write(f)
-        f.flush()
-        os.fsync(f.fileno())
+    fsync_path(path)
 
 
 def save_checkpoint(out_dir: Path, step: int, state: Dict[str, Any], config_yaml: str,
@@ -72,11 +66,8 @@ def save_checkpoint(out_dir: Path, step: int, state: Dict[str, Any], config_yaml
     _write_file(tmp / "config.yaml", lambda f: f.write(config_yaml.encode()))
     shutil.rmtree(final, ignore_errors=True)      # a re-save of the same step after a resume
     os.rename(tmp, final)
-    _fsync_dir(root)
-    pointer = root / f"{LATEST}.tmp"
-    _write_file(pointer, lambda f: f.write(name.encode()))
-    os.replace(pointer, root / LATEST)
-    _fsync_dir(root)
+    fsync_path(root)
+    write_text_atomic(root / LATEST, name)
     _prune(root, keep_last, keep=name)
     return final
 

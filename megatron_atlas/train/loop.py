@@ -121,12 +121,12 @@ def _resume(cfg: TrainConfig, out_dir: Path, model: torch.nn.Module, optimizer: 
         raise ValueError(f"checkpoint {path} was written with train.seed={loader['seed']} and "
                          f"train.micro_batch_size={loader['micro_batch_size']}; this run has "
                          f"{cfg.seed} and {cfg.micro_batch_size}, so the data order would not continue")
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    set_rng_state(state["rng"])
     if loader["micro_batches"] != state["step"] * cfg.grad_accum:
         raise ValueError(f"checkpoint {path}: {loader['micro_batches']} micro-batches consumed in "
                          f"{state['step']} steps does not match train.grad_accum={cfg.grad_accum}")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    set_rng_state(state["rng"])
     log(f"resumed from {path} at step {state['step']}")
     return state["step"]
 
@@ -185,8 +185,11 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, log: Callable[[str], None] =
         batches = _micro_batches(train_source, step, cfg.grad_accum, device)
         loss, grad_norm = train_step(step_model, optimizer, batches, cfg.grad_clip, autocast)
         done = step + 1
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            # train_step took no optimizer step: the parameters are those before this batch
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        if finite:
+            bad_in_a_row = 0
+            progress.add(loss)
+        else:   # train_step took no optimizer step: the parameters are those before this batch
             bad_in_a_row, skipped = bad_in_a_row + 1, skipped + 1
             metrics.write("skipped", step=done, loss=loss, grad_norm=grad_norm, in_a_row=bad_in_a_row)
             log(f"step {done}: loss {loss}, grad norm {grad_norm}: skipped ({bad_in_a_row} in a row)")
@@ -196,12 +199,10 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, log: Callable[[str], None] =
                     f"{bad_in_a_row} steps in a row with a non-finite loss or gradient (last: step {done}); "
                     f"stopping (train.max_bad_steps={cfg.max_bad_steps}). The last checkpoint is in "
                     f"{out_dir / 'checkpoints'}; try a lower train.lr or model.memory.max_lr")
-            continue
-        bad_in_a_row = 0
-        progress.add(loss)
 
         exiting = done == cfg.exit_at_step
-        if done % cfg.log_every == 0 or done in (start_step + 1, cfg.steps) or exiting:
+        # a skipped step still reaches the evaluation and checkpoint that fall on it
+        if finite and (done % cfg.log_every == 0 or done in (start_step + 1, cfg.steps) or exiting):
             record = progress.report()
             record["mfu"] = mfu(flops_per_token, record["tokens_per_s"], cfg.peak_tflops)
             log(progress_line(done, cfg.steps, record["loss"], lr, grad_norm, record["tokens_per_s"],
@@ -226,7 +227,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, log: Callable[[str], None] =
 
     # first: the first step's loss; final: the mean over the last logging interval (less noisy).
     elapsed = time.perf_counter() - progress.start
-    first, last = progress.losses[0], record["loss"]
+    first = progress.losses[0] if progress.losses else math.nan
+    last = record.get("loss", math.nan)
     summary = {"steps": cfg.steps, "elapsed_s": elapsed, "first_loss": first, "final_loss": last,
                "eval_loss": result["loss"], "eval_accuracy": result["accuracy"],
                "tokens_per_s": len(progress.losses) * cfg.tokens_per_step / elapsed,
