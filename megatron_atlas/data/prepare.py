@@ -26,6 +26,7 @@ import numpy as np
 
 from megatron_atlas.atomic import replaced_on_success
 from megatron_atlas.data.documents import iter_documents
+from megatron_atlas.data.fast_bpe import FastByteLevelEncoder
 from megatron_atlas.data.shard_format import (DTYPES, FORMAT, INDEX, TOKENIZER, read_index, shard_name,
                                               token_dtype, write_json_atomic, write_shard)
 from megatron_atlas.data.tokenizer import Tokenizer, train_bpe
@@ -61,17 +62,20 @@ _WORKER: dict = {}
 
 def _init_worker(tokenizer_json: str, seed: int, val_fraction: float) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"   # the pool is the parallelism; no threads per worker
-    _WORKER.update(tok=Tokenizer.from_json(tokenizer_json), seed=seed, val_fraction=val_fraction)
+    tok = Tokenizer.from_json(tokenizer_json)
+    _WORKER.update(tok=tok, encoder=FastByteLevelEncoder(tok), seed=seed, val_fraction=val_fraction)
 
 
-def _encode_chunk(texts: list[str]) -> tuple[np.ndarray, np.ndarray, int, int]:
-    """-> (train ids, val ids, train docs, val docs); each document ends with the EOD id."""
-    tok, eod = _WORKER["tok"], _WORKER["tok"].eod_id
+def _encode_chunk(texts: list[str]) -> tuple[np.ndarray, np.ndarray, int, int, int]:
+    """-> (train ids, val ids, train docs, val docs, fast-path mismatches); each document ends with
+    the EOD id."""
+    encoder, eod = _WORKER["encoder"], _WORKER["tok"].eod_id
+    mismatched = encoder.mismatched_batches
     parts: dict[bool, list[list[int]]] = {False: [], True: []}
-    for text, ids in zip(texts, tok.encode_batch(texts)):
+    for text, ids in zip(texts, encoder.encode_batch(texts)):
         parts[_is_val(text, _WORKER["seed"], _WORKER["val_fraction"])].append(ids + [eod])
     arrays = [np.fromiter(chain.from_iterable(parts[v]), dtype=np.uint32) for v in (False, True)]
-    return arrays[0], arrays[1], len(parts[False]), len(parts[True])
+    return arrays[0], arrays[1], len(parts[False]), len(parts[True]), encoder.mismatched_batches - mismatched
 
 
 def _chunks(texts: Iterable[str], max_chars: int = 1 << 20) -> Iterator[list[str]]:
@@ -194,11 +198,15 @@ def prepare(args: PrepareArgs, files: Sequence[Path], log: Callable[[str], None]
     counts: Counter = Counter()
     docs = iter_documents(files, counts, text_field=args.text_field, skip_bad_files=args.skip_bad_files)
     init = (tok.to_json(), args.seed, args.val_fraction)
+    fast = FastByteLevelEncoder(tok)
+    log("encoding with tiktoken (checked against the tokenizer on sampled documents)" if fast.active
+        else f"encoding with the tokenizers library ({fast.fallback_reason})")
     start = last_log = time.perf_counter()
 
-    def consume(results: Iterable[tuple[np.ndarray, np.ndarray, int, int]]) -> None:
+    def consume(results: Iterable[tuple[np.ndarray, np.ndarray, int, int, int]]) -> None:
         nonlocal last_log
-        for train_ids, val_ids, n_train, n_val in results:
+        for train_ids, val_ids, n_train, n_val, mismatched in results:
+            counts["fast_bpe_mismatch"] += mismatched
             writers["train"].add(train_ids, n_train)
             writers["val"].add(val_ids, n_val)
             now = time.perf_counter()
@@ -228,6 +236,9 @@ def prepare(args: PrepareArgs, files: Sequence[Path], log: Callable[[str], None]
     log(_progress(counts, elapsed, writers) + " | done")
     log("skipped: " + ", ".join(f"{k} {v}" for k, v in index["skipped"].items())
         + " (non_utf8 documents are kept, decoded with replacement)")
+    if counts["fast_bpe_mismatch"]:
+        log(f"{counts['fast_bpe_mismatch']} batches re-encoded by the tokenizer after tiktoken differed on "
+            "a checked document")
     return index
 
 
