@@ -20,11 +20,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from megatron_atlas.model.config import ConfigError, ModelConfig
-from megatron_atlas.train.config import TrainConfig
+from megatron_atlas.train.config import ParallelConfig, TrainConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-GROUPS = ("model", "size", "train")   # the file groups, merged in this order
-CLI_DEFAULTS = {"train": "default"}   # groups a command line may leave out
+GROUPS = ("model", "size", "train", "parallel")   # the file groups, merged in this order
+CLI_DEFAULTS = {"train": "default", "parallel": "default"}   # groups a command line may leave out
 
 
 @dataclass
@@ -33,29 +33,31 @@ class RunConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
 def available(group: str, config_dir: Optional[Path] = None) -> list[str]:
-    """Names of the YAML files of one group (`model`, `size` or `train`), sorted."""
+    """Names of the YAML files of one group (`model`, `size`, `train` or `parallel`), sorted."""
     return sorted(p.stem for p in (Path(config_dir or CONFIG_DIR) / group).glob("*.yaml"))
 
 
 def compose(model: str, size: str, train: str = "default", overrides: Sequence[str] = (),
-            config_dir: Optional[Path] = None) -> DictConfig:
-    """Schema defaults <- model preset <- size <- train recipe <- overrides; validated."""
+            config_dir: Optional[Path] = None, parallel: str = "default") -> DictConfig:
+    """Schema defaults <- model preset <- size <- train recipe <- parallel layout <- overrides; validated."""
     cfg = OmegaConf.structured(RunConfig)
-    for group, name in zip(GROUPS, (model, size, train)):
+    for group, name in zip(GROUPS, (model, size, train, parallel)):
         path = _group_file(group, name, config_dir)
         _apply(cfg, _flatten(OmegaConf.to_container(OmegaConf.load(path), resolve=False)), str(path))
     _apply(cfg, [_parse_override(item) for item in overrides], "override")
     # Fail here, not at the first use: both sections must convert and validate.
     to_model_config(cfg)
     to_train_config(cfg)
+    to_parallel_config(cfg, config_dir)
     return cfg
 
 
 def parse_cli(argv: Sequence[str], config_dir: Optional[Path] = None) -> DictConfig:
-    """`model=NAME size=NAME [train=NAME] [a.b=c ...]` -> composed config."""
+    """`model=NAME size=NAME [train=NAME] [parallel=NAME] [a.b=c ...]` -> composed config."""
     selected: dict[str, str] = dict(CLI_DEFAULTS)
     overrides: list[str] = []
     for arg in argv:
@@ -71,7 +73,8 @@ def parse_cli(argv: Sequence[str], config_dir: Optional[Path] = None) -> DictCon
     if missing:
         raise ConfigError("missing " + ", ".join(
             f"{g}=NAME (one of {', '.join(available(g, config_dir))})" for g in missing))
-    return compose(selected["model"], selected["size"], selected["train"], overrides, config_dir)
+    return compose(selected["model"], selected["size"], selected["train"], overrides, config_dir,
+                   parallel=selected["parallel"])
 
 
 def to_model_config(cfg: DictConfig) -> ModelConfig:
@@ -80,6 +83,23 @@ def to_model_config(cfg: DictConfig) -> ModelConfig:
 
 def to_train_config(cfg: DictConfig) -> TrainConfig:
     return _to_dataclass(cfg.train).validate()
+
+
+def to_parallel_config(cfg: DictConfig, config_dir: Optional[Path] = None) -> ParallelConfig:
+    parallel = _to_dataclass(cfg.parallel).validate()
+    needs_deepspeed = parallel.engine == "deepspeed" or parallel.zero_stage > 0
+    if needs_deepspeed or parallel.deepspeed:
+        deepspeed_config_path(parallel.deepspeed_config_name, config_dir)   # fail now if it is missing
+    return parallel
+
+
+def deepspeed_config_path(name: str, config_dir: Optional[Path] = None) -> Path:
+    """configs/deepspeed/NAME.json (the ZeRO and communication knobs; batch sizes come from train.*)."""
+    path = Path(config_dir or CONFIG_DIR) / "deepspeed" / f"{name}.json"
+    if not path.is_file():
+        names = sorted(p.stem for p in path.parent.glob("*.json"))
+        raise ConfigError(f"parallel.deepspeed={name!r}: no {path}; available: {', '.join(names) or 'none'}")
+    return path
 
 
 def _to_dataclass(node: DictConfig) -> Any:
@@ -160,7 +180,7 @@ def _leaf_type(key: str, source: str) -> Any:
     hints += [k for k in leaves if k.rpartition(".")[2] == tail and k not in hints]   # wrong section
     hints = hints or difflib.get_close_matches(key, list(leaves), n=3, cutoff=0.6)
     raise ConfigError(f"unknown key {key!r} ({source})" + (
-        f"; did you mean {', '.join(hints)}?" if hints else "; top-level sections are model and train"))
+        f"; did you mean {', '.join(hints)}?" if hints else "; top-level sections are model, train and parallel"))
 
 
 def _describe(tp: Any) -> str:

@@ -11,6 +11,11 @@ Sections (each prints its figures and the target it is judged against):
      i.e. close to linear in T).
   3. ours vs `titans_pytorch.NeuralMemory` at a matched configuration (target: ours >= 5x). Needs
      `pip install -r requirements-bench.txt`; without it the section prints a note and is skipped.
+  4. the memory operator alone (linear memory, gd, bf16 inputs, 16 heads, d_k = d_v = 64): impl=triton
+     vs impl=chunked at T=8K (target: triton >= 3x), and triton vs FlashAttention-2 causal fwd+bwd
+     at T=16K on the same shape (target: triton at least as fast). Needs CUDA; on any device it
+     also prints each Triton kernel variant's registers, spill stack and shared memory for sm_80 and
+     sm_90, compiled ahead of time (`--kernel-resources all` for every launchable variant).
 
 Methodology: fp32; every measurement builds the module and a random input once, runs `--warmup`
 untimed fwd+bwd passes, then reports the median of `--repeats` timed passes (the reference runs
@@ -46,6 +51,8 @@ from megatron_atlas.model.memory_layer import MemoryLayer  # noqa: E402
 TARGET_CHUNKED_VS_REFERENCE = 10.0
 TARGET_SCALING_8K_OVER_2K = 4.5
 TARGET_OURS_VS_TITANS = 5.0
+TARGET_TRITON_VS_CHUNKED = 3.0
+TARGET_TRITON_VS_FLASH = 1.0
 
 # The matched comparison (section 3) is fixed by design; only its length and batch are options.
 TITANS_D_MODEL, TITANS_HEADS, TITANS_HEAD_DIM, TITANS_CHUNK, TITANS_EXPANSION = 384, 4, 96, 64, 4
@@ -356,6 +363,119 @@ def bench_titans(args: argparse.Namespace, device: torch.device) -> Dict[str, ob
             "differences": list(TITANS_DIFFERENCES)}
 
 
+def time_op(name: str, run, inputs: Sequence[Tensor], warmup: int, repeats: int) -> Timing:
+    """Like time_fwd_bwd for a function of several [B, T, ...] inputs returning y (or (y, state))."""
+    timing = Timing(name, inputs[0].shape[0], inputs[0].shape[1])
+    for i in range(warmup + repeats):
+        for x in inputs:
+            x.grad = None
+        synchronize(inputs[0].device)
+        start = time.perf_counter()
+        y = run(*inputs)
+        y = y[0] if isinstance(y, tuple) else y
+        y.float().square().mean().backward()
+        synchronize(inputs[0].device)
+        if i >= warmup:
+            timing.seconds.append(time.perf_counter() - start)
+    return timing
+
+
+def memory_op_inputs(length: int, device: torch.device, heads: int = 16, dim: int = 64,
+                     dtype: torch.dtype = torch.bfloat16, seed: int = 0):
+    """q, k, v [1, T, H, d] (bf16, unit-norm keys), gates and params of a linear memory."""
+    from kernels.memory import Gates
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=gen).to(device)
+
+    q, k = (nn.functional.normalize(torch.randn(1, length, heads, dim, generator=gen), dim=-1)
+            .to(device, dtype).requires_grad_() for _ in range(2))
+    v = torch.randn(1, length, heads, dim, generator=gen).to(device, dtype).requires_grad_()
+    gates = [(0.9 + 0.1 * rand(1, length, heads)).requires_grad_(),
+             (0.1 * rand(1, length, heads)).requires_grad_(),
+             (0.5 + 0.4 * rand(1, length, heads)).requires_grad_(),
+             rand(1, length, heads).requires_grad_()]
+    params = {"W": (0.1 * torch.randn(heads, dim, dim, generator=gen)).to(device).requires_grad_()}
+    return [q, k, v, *gates, params["W"]]
+
+
+def kernel_resources(which: str) -> List[Dict[str, object]]:
+    """Registers, spill stack and shared memory of the Triton kernels, compiled for sm_80, sm_90."""
+    from kernels.memory import MemoryConfig
+    from kernels.memory.triton_chunked import all_linear_metas, linear_launch_configs, linear_meta
+    from kernels.newton_schulz.triton_ns import all_launch_configs, launch_config
+    from kernels.triton_support import compile_ahead, compiled_stats
+    if which == "all":
+        configs = [c for dtype, meta in all_linear_metas() for c in linear_launch_configs(dtype, meta)]
+        configs += all_launch_configs()
+    else:   # the production shape d = 64 at every chunk size, bf16, with and without a window
+        configs = []
+        for chunk in (16, 32, 64):
+            for window in (1, 4):
+                meta = linear_meta(MemoryConfig("linear", "gd", "l2", window, chunk), 64, torch.bfloat16)
+                configs += [c for c in linear_launch_configs(torch.bfloat16, meta) if "save=0" not in c.name]
+        configs += [launch_config(64, 64), launch_config(64, 128)]
+    rows = []
+    print(f"  {'kernel variant':<58} {'sm':>3} {'warps':>5} {'stages':>6} {'regs':>5} "
+          f"{'spill B':>7} {'smem KiB':>8}")
+    for config in configs:
+        for capability in (80, 90):
+            stats = compiled_stats(compile_ahead(config, capability))
+            row = {"kernel": config.name, "sm": capability, "num_warps": config.num_warps,
+                   "num_stages": config.num_stages, "registers": stats.registers,
+                   "spill_stack_bytes": stats.stack_bytes, "shared_bytes": stats.shared_bytes}
+            rows.append(row)
+            print(f"  {config.name:<58} {capability:>3} {config.num_warps:>5} {config.num_stages:>6} "
+                  f"{stats.registers!s:>5} {stats.stack_bytes!s:>7} {stats.shared_bytes / 1024:8.1f}",
+                  flush=True)
+    return rows
+
+
+def bench_triton(args: argparse.Namespace, device: torch.device) -> Dict[str, object]:
+    """Section 4: the fused Triton memory operator vs the chunked form and FlashAttention-2."""
+    from kernels.memory import Gates, MemoryConfig, memory_forward
+    print("\n[4] memory operator fwd+bwd: triton vs chunked, and vs FlashAttention-2")
+    result: Dict[str, object] = {}
+    cfg = MemoryConfig("linear", "gd", "l2", window=1, chunk=args.chunk if args.chunk in (16, 32, 64) else 64)
+    print_config("config", {"kind": cfg.kind, "rule": cfg.rule, "loss": cfg.loss, "chunk": cfg.chunk,
+                            "heads": 16, "d_k": 64, "d_v": 64, "dtype": "bf16 in, fp32 state"})
+    if device.type != "cuda":
+        print("  no CUDA device: Triton timings not measured (open figures); targets are triton >= "
+              f"{TARGET_TRITON_VS_CHUNKED:g}x chunked at T=8K and >= FlashAttention-2 at T=16K")
+    else:
+        def op(impl):
+            return lambda q, k, v, a, e, t, g, w: memory_forward(q, k, v, Gates(a, e, t, g), {"W": w},
+                                                                 cfg, impl=impl)
+        inputs = memory_op_inputs(args.triton_length, device)
+        timings = {impl: time_op(f"memory op {impl}", op(impl), inputs, args.warmup, args.repeats)
+                   for impl in ("triton", "chunked")}
+        for t in timings.values():
+            print_timing(t)
+        ratio = timings["chunked"].median / timings["triton"].median
+        print(f"  speed-up triton / chunked: {ratio:.2f}x ({verdict(ratio, TARGET_TRITON_VS_CHUNKED, True)})")
+        result.update({impl: t.as_dict() for impl, t in timings.items()}, speedup_vs_chunked=ratio)
+        long_inputs = memory_op_inputs(args.triton_flash_length, device)
+        triton_long = time_op("memory op triton", op("triton"), long_inputs, args.warmup, args.repeats)
+        print_timing(triton_long)
+        result["triton_long"] = triton_long.as_dict()
+        try:
+            from flash_attn import flash_attn_func
+        except ImportError:
+            print("  flash-attn not installed (pip install -r requirements-gpu.txt): comparison skipped")
+        else:
+            flash = time_op("flash-attn 2 causal", lambda q, k, v: flash_attn_func(q, k, v, causal=True),
+                            long_inputs[:3], args.warmup, args.repeats)
+            print_timing(flash)
+            ratio = flash.median / triton_long.median
+            print(f"  triton vs FlashAttention-2: {ratio:.2f}x ({verdict(ratio, TARGET_TRITON_VS_FLASH, True)})")
+            result.update(flash=flash.as_dict(), speedup_vs_flash=ratio)
+    if args.kernel_resources != "none":
+        print(f"  compiled kernel resources ({args.kernel_resources}; ahead of time, no GPU needed):")
+        result["kernel_resources"] = kernel_resources(args.kernel_resources)
+    return result
+
+
 # ----------------------------------------------------------------------------- driver
 
 
@@ -390,6 +510,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--skip-reference", action="store_true", help="section 1 without the reference")
     p.add_argument("--skip-scaling", action="store_true", help="leave out section 2")
     p.add_argument("--skip-titans", action="store_true", help="leave out section 3")
+    p.add_argument("--skip-triton", action="store_true", help="leave out section 4")
+    p.add_argument("--kernel-resources", default="representative",
+                   choices=("representative", "all", "none"),
+                   help="section 4: which Triton kernel variants to compile for sm_80/sm_90 and report "
+                        "registers, spills and shared memory of (all: every launchable one, slow)")
+    p.add_argument("--triton-length", type=int, default=8192, help="T of the triton vs chunked timing")
+    p.add_argument("--triton-flash-length", type=int, default=16384,
+                   help="T of the triton vs FlashAttention-2 timing")
     p.add_argument("--json", type=Path, default=None,
                    help="also write the figures to this JSON file")
     p.add_argument("--seed", type=int, default=0)
@@ -441,6 +569,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         results["scaling"] = bench_scaling(args, cfg, device)
     if not args.skip_titans:
         results["titans"] = bench_titans(args, device)
+    if not args.skip_triton:
+        results["triton"] = bench_triton(args, device)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2))

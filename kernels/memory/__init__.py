@@ -1,6 +1,10 @@
 """The memory operator: one signature, several implementations (DESIGN section 2).
 
     y, state = memory_forward(q, k, v, gates, params, cfg, state=None, impl="auto")
+
+impl: "reference" (token loop), "chunked" (PyTorch dual form), "triton" (fused kernels for the
+linear memory with the gd rule), "auto" (triton where it covers the call on CUDA, else chunked).
+See NOTES.md for coverage and memory traffic.
 """
 from .dispatch import IMPLEMENTATIONS, memory_forward, resolve_impl
 from .features import feature_dim, poly_features, poly_kernel

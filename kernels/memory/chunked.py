@@ -19,7 +19,7 @@ from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 
-from kernels.newton_schulz import newton_schulz
+from kernels.newton_schulz import newton_schulz_auto  # Triton kernel on CUDA, PyTorch elsewhere
 
 from .features import poly_features, poly_kernel
 from .inputs import finish, prepare
@@ -122,7 +122,7 @@ def _muon_chunk(cfg: MemoryConfig, coef: ChunkCoefficients, eta: torch.Tensor,
         steps = (momentum_mixing @ outer).unflatten(-1, delta.shape[-1:] + inputs.shape[-1:])
         if coef.momentum_carry is not None:
             steps = steps + coef.momentum_carry[..., None, None] * momentum[name].unsqueeze(2)
-        orthogonal = newton_schulz(steps, cfg.ns_steps)
+        orthogonal = newton_schulz_auto(steps, cfg.ns_steps)
         shape = orthogonal.shape
         w_t = (coef.retain[..., None, None] * weights[name].unsqueeze(2)
                - (weight_mixing @ orthogonal.flatten(-2)).view(shape))

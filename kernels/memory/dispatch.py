@@ -1,4 +1,10 @@
-"""`memory_forward`: picks an implementation; all of them share one signature and semantics."""
+"""`memory_forward`: picks an implementation; all of them share one signature and semantics.
+
+impl="auto" picks "triton" for CUDA inputs whose options the Triton kernels cover
+(`triton_chunked.unsupported_reason`), and "chunked" otherwise (CPU, or any uncovered option),
+with no error. impl="triton" on an uncovered option raises a ValueError that names it. Triton is
+imported only when a CUDA tensor or impl="triton" asks for it, so CPU-only runs never load it.
+"""
 from __future__ import annotations
 
 from typing import Dict, Optional, Tuple
@@ -9,15 +15,38 @@ from .chunked import memory_forward_chunked
 from .reference import memory_forward_reference
 from .types import Gates, MemoryConfig, MemoryState
 
-IMPLEMENTATIONS = {"reference": memory_forward_reference, "chunked": memory_forward_chunked}
+
+def memory_forward_triton(q, k, v, gates, params, cfg, state=None):
+    """impl="triton" (fused Triton chunk recurrence); see kernels/memory/triton_chunked.py."""
+    from .triton_chunked import memory_forward_triton as run
+    return run(q, k, v, gates, params, cfg, state)
+
+
+IMPLEMENTATIONS = {"reference": memory_forward_reference, "chunked": memory_forward_chunked,
+                   "triton": memory_forward_triton}
+
+
+def triton_unsupported_reason(q: torch.Tensor, cfg: MemoryConfig) -> Optional[str]:
+    """None when impl="triton" covers `cfg` for inputs like q; otherwise the option it does not cover."""
+    try:
+        from .triton_chunked import unsupported_reason
+    except ImportError as error:   # triton missing or broken: report it as the reason
+        return f"triton unavailable ({error})"
+    return unsupported_reason(cfg, q)
 
 
 def resolve_impl(impl: str, q: torch.Tensor, cfg: MemoryConfig) -> str:
     """The implementation `impl` stands for; "auto" is the fastest one that covers `cfg` on q's device."""
     if impl == "auto":
+        if q.is_cuda and triton_unsupported_reason(q, cfg) is None:
+            return "triton"
         return "chunked"
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"impl={impl!r}; available: auto, {', '.join(IMPLEMENTATIONS)}")
+    if impl == "triton":
+        reason = triton_unsupported_reason(q, cfg)
+        if reason is not None:
+            raise ValueError(f"impl='triton' does not cover {reason}; use impl='auto' or 'chunked'")
     return impl
 
 

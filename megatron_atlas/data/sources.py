@@ -5,7 +5,7 @@ and a resumed run asks for the same batches again.
 """
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Optional, Protocol
 
 import torch
 
@@ -21,13 +21,14 @@ class BatchSource(Protocol):
 
 
 def build_source(cfg: DataConfig, *, batch_size: int, seq_len: int, model_vocab: int, seed: int,
-                 split: str, dp_rank: int = 0, dp_size: int = 1) -> BatchSource:
-    """`split` is "train" or "eval" (the held-out split of sources that have one)."""
+                 split: str, dp_rank: int = 0, dp_size: int = 1, start: Optional[dict] = None) -> BatchSource:
+    """`split` is "train" or "eval" (the held-out split of sources that have one). `start` (shards
+    only): a LoaderState dict to resume from; batch 0 is then the batch at that state."""
     if split not in ("train", "eval"):
         raise ValueError(f"split={split!r} must be 'train' or 'eval'")
     if cfg.kind == "shards":
         return _shard_source(cfg, batch_size=batch_size, seq_len=seq_len, model_vocab=model_vocab,
-                             seed=seed, split=split, dp_rank=dp_rank, dp_size=dp_size)
+                             seed=seed, split=split, dp_rank=dp_rank, dp_size=dp_size, start=start)
     if cfg.kind == "synthetic_mqar":
         mqar = cfg.mqar
         vocab = mqar.vocab_size or model_vocab
@@ -42,8 +43,8 @@ def build_source(cfg: DataConfig, *, batch_size: int, seq_len: int, model_vocab:
 
 
 def _shard_source(cfg: DataConfig, *, batch_size: int, seq_len: int, model_vocab: int, seed: int,
-                  split: str, dp_rank: int, dp_size: int) -> BatchSource:
-    from megatron_atlas.data.shards import ShardSource   # numpy/tarfile only when shards are used
+                  split: str, dp_rank: int, dp_size: int, start: Optional[dict]) -> BatchSource:
+    from megatron_atlas.data.shards import LoaderState, ShardSource   # numpy/tarfile only when shards are used
 
     shards = cfg.shards
     name = shards.train_split if split == "train" else shards.val_split
@@ -51,7 +52,8 @@ def _shard_source(cfg: DataConfig, *, batch_size: int, seq_len: int, model_vocab
     order_seed = shards.seed if split == "train" and shards.seed is not None else seed
     try:
         source = ShardSource(shards.path, name, batch_size=batch_size, seq_len=seq_len, seed=order_seed,
-                             dp_rank=dp_rank, dp_size=dp_size)
+                             dp_rank=dp_rank, dp_size=dp_size,
+                             start=LoaderState.from_dict(start) if start is not None else None)
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"train.data.shards (path={shards.path!r}, split {name!r}): {e}") from None
     if source.vocab_size > model_vocab:

@@ -13,6 +13,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from megatron_atlas.model.rope import apply_rope
+from megatron_atlas.parallel.layers import ColumnParallelLinear, RowParallelLinear, enter_tp_region
+from megatron_atlas.parallel.sharding import divide, tp_size_of
+from megatron_atlas.parallel.state import ParallelState
 
 try:  # flash-attn is an optional CUDA-only dependency
     from flash_attn import flash_attn_func
@@ -226,11 +229,17 @@ class KVWindowCache:
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head (GQA) causal self-attention with RoPE, a sliding window and sink tokens."""
+    """Multi-head (GQA) causal self-attention with RoPE, a sliding window and sink tokens.
+
+    Tensor parallel: query heads and kv heads are split across TP ranks (q/k/v column-parallel,
+    o_proj row-parallel); with G = n_heads / n_kv_heads, rank r's query heads use exactly its kv
+    heads, so attention itself needs no communication. n_heads and n_kv_heads count all ranks.
+    """
 
     def __init__(self, d_model: int, n_heads: int, head_dim: int, n_kv_heads: int | None,
                  window: int | None, rope_theta: float = 10000.0, n_sink: int = 0,
-                 backend: str = "auto", init_std: float = 0.02) -> None:
+                 backend: str = "auto", init_std: float = 0.02,
+                 parallel: ParallelState | None = None) -> None:
         super().__init__()
         _check_backend(backend)
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
@@ -240,12 +249,15 @@ class CausalSelfAttention(nn.Module):
             raise ValueError(f"window={window!r} must be >= 1 or None")
         if n_sink < 0:
             raise ValueError(f"n_sink={n_sink!r} must be >= 0")
-        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        tp = tp_size_of(parallel)
+        self.parallel, self.head_dim = parallel, head_dim
+        self.n_heads = divide(n_heads, tp, "model.n_heads (attention heads)")       # local heads
+        self.n_kv_heads = divide(n_kv_heads, tp, "model.attention.n_kv_heads")    # local kv heads
         self.window, self.n_sink, self.rope_theta, self.backend = window, n_sink, rope_theta, backend
-        self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=False)
-        self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=False)
-        self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=False)
-        self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=False)
+        self.q_proj = ColumnParallelLinear(d_model, n_heads * head_dim, parallel=parallel, input_in_region=True)
+        self.k_proj = ColumnParallelLinear(d_model, n_kv_heads * head_dim, parallel=parallel, input_in_region=True)
+        self.v_proj = ColumnParallelLinear(d_model, n_kv_heads * head_dim, parallel=parallel, input_in_region=True)
+        self.o_proj = RowParallelLinear(n_heads * head_dim, d_model, parallel=parallel)
         for proj in (self.q_proj, self.k_proj, self.v_proj, self.o_proj):
             nn.init.normal_(proj.weight, std=init_std)
 
@@ -254,7 +266,11 @@ class CausalSelfAttention(nn.Module):
         return KVWindowCache.empty(batch_size, self.n_kv_heads, self.head_dim, self.window,
                                    self.n_sink, device=device, dtype=dtype)
 
-    def forward(self, x: Tensor, cache: KVWindowCache | None = None) -> tuple[Tensor, KVWindowCache | None]:
+    def forward(self, x: Tensor, cache: KVWindowCache | None = None,
+                in_region: bool = False) -> tuple[Tensor, KVWindowCache | None]:
+        """`in_region`: x already went through `enter_tp_region` (MAG shares one entry)."""
+        if not in_region:
+            x = enter_tp_region(x, self.parallel)   # full sequence (gathered under SP), replicated
         B, T, _ = x.shape
         start = 0 if cache is None else cache.position
         pos = torch.arange(start, start + T, device=x.device)

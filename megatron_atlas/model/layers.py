@@ -1,4 +1,8 @@
-"""Small building blocks: RMSNorm, SwiGLU feed-forward, causal depthwise short convolution."""
+"""Small building blocks: RMSNorm, SwiGLU feed-forward, causal depthwise short convolution.
+
+Under tensor parallelism SwiGLU is column- then row-parallel, and ShortConv (depthwise, so channels
+are independent) keeps this rank's channels; see megatron_atlas.parallel.layers.
+"""
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -7,34 +11,46 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from megatron_atlas.parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron_atlas.parallel.sharding import divide, mark_tensor_parallel, tp_size_of
+from megatron_atlas.parallel.state import ParallelState
+
 
 class RMSNorm(nn.Module):
-    """RMS normalisation over the last dimension, or over groups of it (per head) when `groups` > 1."""
+    """RMS normalisation over the last dimension, or over groups of it (per head) when `groups` > 1.
+
+    Groups have a fixed width dim / groups, so a tensor-parallel shard holding whole groups
+    (whole heads) normalises the same way."""
 
     def __init__(self, dim: int, eps: float = 1e-6, groups: int = 1):
         super().__init__()
         if dim % groups:
             raise ValueError(f"RMSNorm dim={dim} is not divisible by groups={groups}")
-        self.eps, self.groups = eps, groups
+        self.eps, self.group_width = eps, dim // groups
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
-        grouped = x.float().reshape(*shape[:-1], self.groups, shape[-1] // self.groups)
+        grouped = x.float().reshape(*shape[:-1], shape[-1] // self.group_width, self.group_width)
         normed = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + self.eps)
         return normed.reshape(shape).to(x.dtype) * self.weight
 
 
 class SwiGLU(nn.Module):
-    """Feed-forward `W_down (silu(W_gate x) * W_up x)`."""
+    """Feed-forward `W_down (silu(W_gate x) * W_up x)`.
 
-    def __init__(self, d_model: int, hidden: int):
+    `gate_up` rows are interleaved per hidden unit (gate_0, up_0, gate_1, up_1, ...), so a contiguous
+    slice of rows is a set of whole hidden units: the column-parallel split needs no re-layout.
+    """
+
+    def __init__(self, d_model: int, hidden: int, parallel: ParallelState | None = None):
         super().__init__()
-        self.gate_up = nn.Linear(d_model, 2 * hidden, bias=False)
-        self.down = nn.Linear(hidden, d_model, bias=False)
+        divide(hidden, tp_size_of(parallel), "model.ffn_hidden")
+        self.gate_up = ColumnParallelLinear(d_model, 2 * hidden, parallel=parallel, what="2 * model.ffn_hidden")
+        self.down = RowParallelLinear(hidden, d_model, parallel=parallel, what="model.ffn_hidden")
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        gate, up = self.gate_up(x).unflatten(-1, (-1, 2)).unbind(-1)
         return self.down(F.silu(gate) * up)
 
 
@@ -44,7 +60,8 @@ class ShortConv(nn.Module):
     def __init__(self, channels: int, width: int):
         super().__init__()
         self.width = width
-        self.weight = nn.Parameter(torch.empty(channels, 1, width))
+        # depthwise: channels are independent, so tensor parallelism keeps a contiguous range
+        self.weight = mark_tensor_parallel(nn.Parameter(torch.empty(channels, 1, width)), 0)
         nn.init.normal_(self.weight, std=width ** -0.5)
         with torch.no_grad():  # start close to the identity so the memory sees its tokens
             self.weight[:, 0, -1] += 1.0

@@ -7,6 +7,8 @@ from megatron_atlas.data.config import DataConfig
 from megatron_atlas.model.config import ConfigError, _check_choice, _check_positive
 
 SCHEDULES = ("cosine", "wsd", "constant")
+ZERO_STAGES = (0, 1, 2, 3)
+ENGINES = ("auto", "native", "deepspeed")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -76,4 +78,40 @@ class TrainConfig:
         if not self.out_dir:
             raise ConfigError(f"{prefix}.out_dir must not be empty")
         self.data.validate(f"{prefix}.data")
+        return self
+
+
+@dataclass
+class ParallelConfig:
+    """How one run is spread over processes (the `parallel` section; DESIGN section 4).
+
+    The data-parallel size is what is left: world size / (tp * cp). One process with zero_stage 0
+    trains with plain PyTorch; anything else runs through DeepSpeed (`engine=auto`).
+    """
+
+    tp: int = 1                        # tensor-parallel degree (ranks adjacent: one node's fast links)
+    cp: int = 1                        # context-parallel degree
+    sequence_parallel: bool = False    # Megatron-style sequence parallelism inside the TP group
+    zero_stage: int = 0                # DeepSpeed ZeRO: 0 none, 1 optimizer states, 2 + grads, 3 + params
+    deepspeed: str = ""                # configs/deepspeed/NAME.json ("" = zero<zero_stage>)
+    engine: str = "auto"               # auto | native (single process only) | deepspeed
+    activation_checkpointing: bool = False   # recompute each block in the backward pass
+
+    @property
+    def deepspeed_config_name(self) -> str:
+        return self.deepspeed or f"zero{self.zero_stage}"
+
+    def validate(self, prefix: str = "parallel") -> "ParallelConfig":
+        _check_positive(f"{prefix}.tp", self.tp)
+        _check_positive(f"{prefix}.cp", self.cp)
+        _check_choice(f"{prefix}.zero_stage", self.zero_stage, ZERO_STAGES)
+        _check_choice(f"{prefix}.engine", self.engine, ENGINES)
+        if self.sequence_parallel and self.tp == 1:
+            raise ConfigError(f"{prefix}.sequence_parallel=true needs {prefix}.tp > 1 (got tp=1)")
+        if self.engine == "native" and (self.zero_stage or self.tp > 1 or self.cp > 1):
+            raise ConfigError(f"{prefix}.engine=native runs one plain PyTorch process: it cannot take "
+                              f"zero_stage={self.zero_stage}, tp={self.tp}, cp={self.cp}; use engine=auto")
+        if self.cp > 1:
+            raise ConfigError(f"{prefix}.cp={self.cp}: context parallelism is not wired into training yet; "
+                              "use cp=1")
         return self

@@ -11,27 +11,34 @@ import functools
 import math
 import time
 from pathlib import Path
-from typing import Callable, ContextManager, Sequence
+from typing import Callable, ContextManager, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from megatron_atlas.data.sources import BatchSource, build_source
+from megatron_atlas.data.sources import build_source
 from megatron_atlas.data.synthetic import IGNORE_INDEX, accuracy
 from megatron_atlas.model import build_model, resolve_ffn_hidden
 from megatron_atlas.model.config import ModelConfig
-from megatron_atlas.train.checkpoint import (find_latest, load_checkpoint, rng_state, save_checkpoint,
-                                             set_rng_state)
-from megatron_atlas.train.config import TrainConfig
+from megatron_atlas.parallel.state import ParallelState
+from megatron_atlas.train.backends import DeepSpeedBackend, NativeBackend
+from megatron_atlas.train.checkpoint import find_latest
+from megatron_atlas.train.config import ParallelConfig, TrainConfig
+from megatron_atlas.train.data import TrainStream, fresh_state, order_seed, upgrade_state
+from megatron_atlas.train.distributed import is_main_process, launched_world_size, setup_parallel, uses_deepspeed
 from megatron_atlas.train.flops import mfu, training_flops_per_token
 from megatron_atlas.train.metrics import (MetricsWriter, Progress, format_duration, format_rate,
                                           progress_line)
-from megatron_atlas.train.optim import build_optimizer
+from megatron_atlas.train.recompute import checkpoint_blocks
 from megatron_atlas.train.schedule import lr_at
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 AutocastFactory = Callable[[], ContextManager]
+
+
+def _silent(line: str) -> None:
+    """The log of ranks other than 0."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -102,88 +109,130 @@ def _to(batch: Batch, device: torch.device) -> Batch:
     return batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
 
 
-def _micro_batches(source: BatchSource, step: int, grad_accum: int, device: torch.device) -> list[Batch]:
-    return [_to(source.batch(step * grad_accum + j), device) for j in range(grad_accum)]
-
-
-def _resume(cfg: TrainConfig, out_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-            log: Callable[[str], None]) -> int:
-    """Loads the checkpoint `cfg.resume` selects into model and optimizer; returns its step (0: none)."""
+def _resume_path(cfg: TrainConfig, out_dir: Path, log: Callable[[str], None]) -> Optional[Path]:
+    """The checkpoint `cfg.resume` selects (None: start from step 0)."""
     if cfg.resume == "none":
-        return 0
+        return None
     path = find_latest(out_dir) if cfg.resume == "auto" else Path(cfg.resume)
     if path is None:
         log(f"resume=auto: no checkpoint under {out_dir}; starting from step 0")
-        return 0
-    state = load_checkpoint(path)
-    loader = state["loader"]
-    if (loader["seed"], loader["micro_batch_size"]) != (cfg.seed, cfg.micro_batch_size):
-        raise ValueError(f"checkpoint {path} was written with train.seed={loader['seed']} and "
-                         f"train.micro_batch_size={loader['micro_batch_size']}; this run has "
-                         f"{cfg.seed} and {cfg.micro_batch_size}, so the data order would not continue")
-    if loader["micro_batches"] != state["step"] * cfg.grad_accum:
-        raise ValueError(f"checkpoint {path}: {loader['micro_batches']} micro-batches consumed in "
-                         f"{state['step']} steps does not match train.grad_accum={cfg.grad_accum}")
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    set_rng_state(state["rng"])
-    log(f"resumed from {path} at step {state['step']}")
-    return state["step"]
+    return path
 
 
-def _save(cfg: TrainConfig, out_dir: Path, step: int, model: torch.nn.Module,
-          optimizer: torch.optim.Optimizer, config_yaml: str) -> Path:
-    # the sources are random access by micro-batch index, so the loader state is a count
-    loader = {"seed": cfg.seed, "micro_batch_size": cfg.micro_batch_size, "micro_batches": step * cfg.grad_accum}
-    state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "rng": rng_state(), "loader": loader}
-    return save_checkpoint(out_dir, step, state, config_yaml, cfg.keep_last)
+def _start_loader(cfg: TrainConfig, resumed: Optional[dict], path: Optional[Path], dp_size: int) -> dict:
+    """Loader state to start from: the checkpoint's (checked against this run), or a fresh one."""
+    if resumed is None:
+        return fresh_state(cfg.data, seed=cfg.seed, micro_batch_size=cfg.micro_batch_size, dp_size=dp_size)
+    loader = upgrade_state(resumed)
+    expected = order_seed(cfg.data, cfg.seed)
+    if loader["seed"] != expected:
+        raise ValueError(f"checkpoint {path} was written with data order seed {loader['seed']}; this run "
+                         f"has {expected} (train.seed / train.data.shards.seed), so the data order would "
+                         f"not continue")
+    return loader
 
 
-def train(model_cfg: ModelConfig, cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
+class _FullLogits(torch.nn.Module):
+    """Evaluation under TP: the model's vocab-sharded logits gathered into the full vocabulary."""
+
+    def __init__(self, model: torch.nn.Module, parallel: ParallelState) -> None:
+        super().__init__()
+        self.model, self.parallel = model, parallel
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        from megatron_atlas.parallel.layers import gather_logits
+        return gather_logits(self.model(input_ids), self.parallel)
+
+
+class _NoMetrics:
+    path = None
+
+    def write(self, kind: str, **values) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _build_model(model_cfg: ModelConfig, parallel: ParallelState, device: torch.device) -> torch.nn.Module:
+    if parallel.tp_size == 1 and parallel.cp_size == 1:
+        return build_model(model_cfg).to(device)
+    return build_model(model_cfg, parallel=parallel).to(device)   # the tensor-parallel model
+
+
+def train(model_cfg: ModelConfig, cfg: TrainConfig, log: Callable[[str], None] = print,
+          parallel_cfg: Optional[ParallelConfig] = None) -> dict:
     """Runs optimizer steps up to `cfg.steps` (from a checkpoint when resuming); returns the summary
-    that is also logged and written."""
-    torch.manual_seed(cfg.seed)
+    that is also logged and written. Under torchrun/srun every process calls this; rank 0 logs and
+    writes metrics, every rank writes its part of the checkpoints."""
+    pcfg = parallel_cfg or ParallelConfig()
+    deepspeed = uses_deepspeed(pcfg, launched_world_size())
+    parallel = setup_parallel(pcfg, deepspeed)
+    if not is_main_process():
+        log = _silent
+    torch.manual_seed(cfg.seed)   # every rank builds the same full weights
     device = resolve_device(cfg.device)
-    autocast = autocast_for(device, cfg.precision)
+    if device.type == "cuda" and torch.distributed.is_initialized():
+        device = torch.device("cuda", torch.cuda.current_device())
+    autocast = contextlib.nullcontext if deepspeed else autocast_for(device, cfg.precision)
     out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    config_yaml = OmegaConf.to_yaml({"model": model_cfg, "train": cfg})
-    (out_dir / "config.yaml").write_text(config_yaml)
+    config_yaml = OmegaConf.to_yaml({"model": model_cfg, "train": cfg, "parallel": pcfg})
+    if is_main_process():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(config_yaml)
 
-    data = dict(batch_size=cfg.micro_batch_size, seq_len=cfg.seq_len, model_vocab=model_cfg.vocab_size)
-    train_source = build_source(cfg.data, seed=cfg.seed, split="train", **data)
-    eval_source = build_source(cfg.data, seed=cfg.data.eval_seed, split="eval", **data)
+    model = _build_model(model_cfg, parallel, device)
+    if pcfg.activation_checkpointing:
+        checkpoint_blocks(model)
+    # counted before ZeRO-3 partitions the parameters
+    n_params = sum(p.numel() for p in model.parameters()) if parallel.tp_size > 1 else model.num_parameters()
+    n_params_body = model.num_parameters(exclude_embeddings=True)
+    resume = _resume_path(cfg, out_dir, log)
+    if deepspeed:
+        if cfg.compile:
+            log("train.compile is not applied under DeepSpeed (the engine wraps the eager model)")
+        backend = DeepSpeedBackend(model, pcfg, cfg, parallel, device, resume, log)
+    else:
+        backend = NativeBackend(model, cfg, autocast, resume)
+    start_step = backend.start_step
+    if resume is not None:
+        log(f"resumed from {resume} at step {start_step}")
+    loader = _start_loader(cfg, backend.loader, resume, parallel.dp_size)
+    stream = TrainStream(cfg.data, loader, micro_batch_size=cfg.micro_batch_size, seq_len=cfg.seq_len,
+                         model_vocab=model_cfg.vocab_size, dp_rank=parallel.dp_rank, dp_size=parallel.dp_size)
+    eval_source = build_source(cfg.data, seed=cfg.data.eval_seed, split="eval", batch_size=cfg.micro_batch_size,
+                               seq_len=cfg.seq_len, model_vocab=model_cfg.vocab_size)
     eval_batches = [_to(eval_source.batch(i), device) for i in range(cfg.data.eval_batches)]
-    model = build_model(model_cfg).to(device)
-    optimizer = build_optimizer(model, cfg)
-    start_step = _resume(cfg, out_dir, model, optimizer, log)
+    forward = backend.engine if deepspeed else backend.step_model
+    eval_model = _FullLogits(forward, parallel) if parallel.tp_size > 1 else forward
 
-    log(f"model {model_cfg.preset} (block {model_cfg.block}): {model.num_parameters() / 1e6:.3f}M params, "
-        f"{model.num_parameters(exclude_embeddings=True) / 1e6:.3f}M without embeddings | device "
-        f"{device.type} | {cfg.steps} steps x {cfg.tokens_per_step} tokens "
-        f"({cfg.micro_batch_size} x {cfg.grad_accum} x {cfg.seq_len}) | out {out_dir}")
+    engine_desc = f"DeepSpeed ZeRO-{pcfg.zero_stage}" if deepspeed else "PyTorch"
+    log(f"model {model_cfg.preset} (block {model_cfg.block}): {n_params / 1e6:.3f}M params"
+        f"{' per TP rank' if parallel.tp_size > 1 else ''}, "
+        f"{n_params_body / 1e6:.3f}M without embeddings | device "
+        f"{device.type} | {engine_desc} {parallel.describe()} | {cfg.steps} steps x "
+        f"{cfg.tokens_per_step * parallel.dp_size} tokens ({cfg.micro_batch_size} x {cfg.grad_accum} x "
+        f"{cfg.seq_len}{f' x dp {parallel.dp_size}' if parallel.dp_size > 1 else ''}) | out {out_dir}")
     if start_step >= cfg.steps:
         log(f"nothing to do: the checkpoint is at step {start_step} and train.steps={cfg.steps}")
-        return {"steps": cfg.steps, **evaluate(model, eval_batches, autocast), "losses": []}
-    # the compiled wrapper shares the parameters; checkpoints are taken from `model` itself
-    step_model = torch.compile(model) if cfg.compile else model
+        return {"steps": cfg.steps, **evaluate(eval_model, eval_batches, autocast), "losses": []}
+    tokens_per_step = cfg.tokens_per_step * parallel.dp_size
     flops_per_token = training_flops_per_token(resolve_ffn_hidden(model_cfg), cfg.seq_len)
     log(f"training FLOPs per token at seq_len {cfg.seq_len}: {flops_per_token / 1e6:,.2f} M "
-        f"(6N would say {6 * model.num_parameters(exclude_embeddings=True) / 1e6:,.2f} M)")
+        f"(6N would say {6 * n_params_body / 1e6:,.2f} M)")
     metrics = MetricsWriter(out_dir / "metrics.jsonl", append=start_step > 0,
-                            tensorboard_dir=out_dir / "tensorboard" if cfg.tensorboard else None)
+                            tensorboard_dir=out_dir / "tensorboard" if cfg.tensorboard else None) \
+        if is_main_process() else _NoMetrics()
     last_step = min(cfg.steps, cfg.exit_at_step) if cfg.exit_at_step > start_step else cfg.steps
-    progress = Progress(last_step - start_step, cfg.tokens_per_step)
+    progress = Progress(last_step - start_step, tokens_per_step)
     result: dict[str, float] = {}
     record: dict[str, float] = {}
     bad_in_a_row = skipped = 0
     for step in range(start_step, cfg.steps):
         lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        batches = _micro_batches(train_source, step, cfg.grad_accum, device)
-        loss, grad_norm = train_step(step_model, optimizer, batches, cfg.grad_clip, autocast)
+        first = (step - start_step) * cfg.grad_accum
+        batches = [_to(stream.batch(first + j), device) for j in range(cfg.grad_accum)]
+        loss, grad_norm = backend.step(batches, lr)
         done = step + 1
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
         if finite:
@@ -207,19 +256,20 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, log: Callable[[str], None] =
             record["mfu"] = mfu(flops_per_token, record["tokens_per_s"], cfg.peak_tflops)
             log(progress_line(done, cfg.steps, record["loss"], lr, grad_norm, record["tokens_per_s"],
                               record["eta_s"], record["mfu"]))
-            metrics.write("train", step=done, lr=lr, grad_norm=grad_norm, tokens=done * cfg.tokens_per_step,
-                          flops=done * cfg.tokens_per_step * flops_per_token, **record)
+            metrics.write("train", step=done, lr=lr, grad_norm=grad_norm, tokens=done * tokens_per_step,
+                          flops=done * tokens_per_step * flops_per_token, **record)
 
         if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps or exiting:
             eval_start = time.perf_counter()
-            result = evaluate(step_model, eval_batches, autocast)
+            result = evaluate(eval_model, eval_batches, autocast)
             progress.exclude(time.perf_counter() - eval_start)
             log(f"eval step {done} | loss {result['loss']:.4f} | ppl {result['perplexity']:.2f} | "
                 f"accuracy {result['accuracy']:.3f}")
             metrics.write("eval", step=done, **result)
 
         if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps or exiting:
-            path = _save(cfg, out_dir, done, model, optimizer, config_yaml)
+            path = backend.save(out_dir, done, stream.state((done - start_step) * cfg.grad_accum),
+                                config_yaml, cfg.keep_last)
             log(f"checkpoint step {done} -> {path}")
         if exiting:
             log(f"train.exit_at_step={done}: stopping; continue with train.resume=auto")
@@ -231,7 +281,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, log: Callable[[str], None] =
     last = record.get("loss", math.nan)
     summary = {"steps": cfg.steps, "elapsed_s": elapsed, "first_loss": first, "final_loss": last,
                "eval_loss": result["loss"], "eval_accuracy": result["accuracy"],
-               "tokens_per_s": len(progress.losses) * cfg.tokens_per_step / elapsed,
+               "tokens_per_s": len(progress.losses) * tokens_per_step / elapsed,
                "skipped_steps": skipped}
     metrics.write("summary", **summary)
     summary["losses"] = progress.losses   # per step, for callers; not written to the JSONL

@@ -1,0 +1,59 @@
+# Shared by the launchers (sourced). Turns the command line into TRAIN_ARGS for
+# `python -m megatron_atlas.train`, and runs or (DRY_RUN=1 / --dry-run) prints commands.
+#
+#   --model NAME --size NAME --train NAME --parallel NAME  (or model=NAME ...: both are accepted)
+#   --nproc N      processes per node (default: $NPROC_PER_NODE, else the GPU count, else 1)
+#   --dry-run      print the commands instead of running them
+#   key=value      overrides, passed through unchanged (train.lr=1e-3 parallel.zero_stage=2 ...)
+
+TRAIN_ARGS=()
+DRY_RUN=${DRY_RUN:-0}
+
+launcher_usage() {
+  awk 'NR > 1 && /^#( |$)/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$1"
+}
+
+parse_args() {
+  while (($#)); do
+    case "$1" in
+      --model|--size|--train|--parallel)
+        [[ $# -ge 2 ]] || { echo "error: $1 needs a value" >&2; exit 2; }
+        TRAIN_ARGS+=("${1#--}=$2"); shift 2 ;;
+      --model=*|--size=*|--train=*|--parallel=*) TRAIN_ARGS+=("${1#--}"); shift ;;
+      --nproc|--nproc_per_node|--nproc-per-node)
+        [[ $# -ge 2 ]] || { echo "error: $1 needs a value" >&2; exit 2; }
+        NPROC_PER_NODE=$2; shift 2 ;;
+      --nproc=*|--nproc_per_node=*|--nproc-per-node=*) NPROC_PER_NODE=${1#*=}; shift ;;
+      --dry-run) DRY_RUN=1; shift ;;
+      -h|--help) launcher_usage "$0"; exit 0 ;;
+      -*) echo "error: unknown option $1 (settings are key=value; see --help)" >&2; exit 2 ;;
+      *) TRAIN_ARGS+=("$1"); shift ;;
+    esac
+  done
+  if ((${#TRAIN_ARGS[@]} == 0)); then
+    echo "error: no run given, e.g. --model atlas --size tiny --train tiny (see --help)" >&2; exit 2
+  fi
+}
+
+default_nproc() {
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    nvidia-smi -L | wc -l
+  else
+    echo 1
+  fi
+}
+
+# On CPU-only machines DeepSpeed must be told to use its CPU accelerator (gloo).
+cpu_environment() {
+  if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
+    export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
+  fi
+}
+
+run_cmd() {
+  if [[ "$DRY_RUN" == 1 ]]; then
+    printf '%q ' "$@"; printf '\n'
+  else
+    "$@"
+  fi
+}

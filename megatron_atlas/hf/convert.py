@@ -1,0 +1,173 @@
+"""Native checkpoint <-> Hugging Face folder (DESIGN section 5).
+
+    export_hf(CHECKPOINT, OUT)     config.json (+auto_map), vendored code, safetensors (+index), tokenizer
+    import_hf(HF_DIR, OUT)         OUT/checkpoints/step-00000000 that `train.resume=` loads
+
+A CHECKPOINT is a step-XXXXXXXX folder (native, or DeepSpeed of any ZeRO stage and TP degree, which
+is consolidated on the fly by train.consolidate), a run folder (its latest checkpoint), or one
+consolidated state-dict file (`torch.save` of the AtlasLM state dict, or of a dict holding it under "model", e.g.
+the output of the ZeRO/TP consolidation tool) with the run's config.yaml beside it or given.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from omegaconf import OmegaConf
+
+from megatron_atlas.model import ModelConfig, build_model, resolve_ffn_hidden
+from megatron_atlas.train.checkpoint import (STATE_FILE, find_latest, is_deepspeed_checkpoint,
+                                             load_checkpoint, rng_state, save_checkpoint)
+from megatron_atlas.train.config import TrainConfig
+
+ENTRY_MODULES = ("megatron_atlas.hf.configuration_atlas", "megatron_atlas.hf.modeling_atlas")
+AUTO_MAP = {"AutoConfig": "configuration_atlas.AtlasConfig",
+            "AutoModelForCausalLM": "modeling_atlas.AtlasForCausalLM"}
+PREFIX = "model."
+
+
+def _model_config(run_config: Dict[str, Any]) -> ModelConfig:
+    from megatron_atlas.hf.configuration_atlas import model_config_from_dict
+
+    if "model" not in run_config:
+        raise ValueError("the run config has no `model` section")
+    return resolve_ffn_hidden(model_config_from_dict(run_config["model"]))
+
+
+def load_native(checkpoint: str | Path, config: Optional[str | Path] = None
+                ) -> Tuple[ModelConfig, Dict[str, torch.Tensor], Dict[str, Any]]:
+    """(resolved model config, AtlasLM state dict, run config as a dict) of a native checkpoint."""
+    path = Path(checkpoint)
+    if path.is_dir() and not (path / STATE_FILE).is_file() and not is_deepspeed_checkpoint(path):
+        latest = find_latest(path)
+        if latest is None:
+            raise FileNotFoundError(f"{path}: neither a checkpoint folder ({STATE_FILE}) nor a run folder "
+                                    "with checkpoints/")
+        path = latest
+    if path.is_dir() and is_deepspeed_checkpoint(path) and not (path / STATE_FILE).is_file():
+        from megatron_atlas.train.consolidate import consolidate   # needs deepspeed
+
+        state = {"model": consolidate(path)[0]}
+        config_file = Path(config) if config else path / "config.yaml"
+    elif path.is_dir():
+        state = load_checkpoint(path)
+        config_file = Path(config) if config else path / "config.yaml"
+    elif path.is_file():
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        config_file = Path(config) if config else path.parent / "config.yaml"
+    else:
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file}: the run config (model + train) is needed; pass --config")
+    run_config = OmegaConf.to_container(OmegaConf.load(config_file), resolve=True)
+    weights = state["model"] if isinstance(state, dict) and "model" in state else state
+    return _model_config(run_config), weights, run_config
+
+
+def build_hf_model(cfg: ModelConfig, weights: Dict[str, torch.Tensor], train: Optional[dict] = None):
+    """The HF wrapper (this repo's copy of the class) holding `weights`."""
+    from megatron_atlas.hf.configuration_atlas import AtlasConfig
+    from megatron_atlas.hf.modeling_atlas import AtlasForCausalLM
+
+    config = AtlasConfig(atlas=dataclasses.asdict(cfg), atlas_train=train)
+    config.auto_map = dict(AUTO_MAP)
+    config.architectures = ["AtlasForCausalLM"]
+    with torch.device("meta"):
+        model = AtlasForCausalLM(config)
+    model.model.load_state_dict(weights, strict=True, assign=True)
+    model.tie_weights()
+    return model.eval()
+
+
+def export_hf(checkpoint: str | Path, out: str | Path, max_shard_size: str | int = "2GB",
+              tokenizer: Optional[str] = None, config: Optional[str | Path] = None,
+              log=print) -> Path:
+    from megatron_atlas.hf.tokenizer import load_tokenizer, resolve_tokenizer_file, save_hf_tokenizer
+    from megatron_atlas.hf.vendor import vendor
+
+    cfg, weights, run_config = load_native(checkpoint, config)
+    out = Path(out)
+    model = build_hf_model(cfg, weights, run_config.get("train"))
+    model.save_pretrained(str(out), max_shard_size=max_shard_size, safe_serialization=True)
+    files = vendor(ENTRY_MODULES, out)
+    log(f"wrote weights and config.json; vendored {len(files)} source files")
+    tok_file = resolve_tokenizer_file(tokenizer, run_config)
+    if tok_file is None and cfg.vocab_size < 256:
+        log(f"no tokenizer written: no tokenizer.json given and vocab_size={cfg.vocab_size} < 256 bytes")
+    else:
+        save_hf_tokenizer(load_tokenizer(tokenizer, run_config), out, cfg.vocab_size)
+        log(f"tokenizer: {tok_file or 'byte-level (id = byte)'}")
+    return out
+
+
+def _read_safetensors(hf_dir: Path) -> Dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    index = hf_dir / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (hf_dir / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json")
+    weights: Dict[str, torch.Tensor] = {}
+    for name in files:
+        weights.update(load_file(str(hf_dir / name)))
+    return weights
+
+
+def load_hf_weights(hf_dir: str | Path) -> Tuple[ModelConfig, Dict[str, torch.Tensor], Optional[dict]]:
+    """(model config, AtlasLM state dict, training config of the exported run) of an HF folder."""
+    from megatron_atlas.hf.configuration_atlas import AtlasConfig
+
+    hf_dir = Path(hf_dir)
+    config = AtlasConfig.from_pretrained(str(hf_dir))
+    cfg = resolve_ffn_hidden(config.model_config())
+    stored = _read_safetensors(hf_dir)
+    bad = [k for k in stored if not k.startswith(PREFIX)]
+    if bad:
+        raise ValueError(f"{hf_dir}: unexpected tensor names {bad[:3]} (expected the prefix {PREFIX!r})")
+    weights = {k[len(PREFIX):]: v for k, v in stored.items()}
+    if cfg.tie_embeddings:
+        weights.setdefault("lm_head.weight", weights["embed.weight"])
+    return cfg, weights, config.atlas_train
+
+
+def import_hf(hf_dir: str | Path, out_dir: str | Path, seed: Optional[int] = None,
+              micro_batch_size: Optional[int] = None, log=print) -> Path:
+    """Write OUT/checkpoints/step-00000000: the weights, a fresh optimizer state, step 0.
+
+    `python -m megatron_atlas.train ... train.out_dir=OUT train.resume=auto` (or train.resume=<the
+    step folder>) then continues training from these weights with a new optimizer and schedule;
+    the run must use the same train.seed (data order) as written here (the exported run's, or the
+    one given), because the resume check insists on it; the loader state is that of one DP rank.
+    """
+    from megatron_atlas.train.data import fresh_state
+    from megatron_atlas.train.optim import build_optimizer
+
+    cfg, weights, train = load_hf_weights(hf_dir)
+    train_cfg = OmegaConf.structured(TrainConfig)
+    if train:
+        train_cfg = OmegaConf.merge(train_cfg, train)
+    train_cfg.out_dir = str(out_dir)
+    if seed is not None:
+        train_cfg.seed = seed
+    if micro_batch_size is not None:
+        train_cfg.micro_batch_size = micro_batch_size
+    train_cfg = OmegaConf.to_object(train_cfg)
+    model = build_model(cfg)
+    model.load_state_dict(weights, strict=True)
+    loader = fresh_state(train_cfg.data, seed=train_cfg.seed, micro_batch_size=train_cfg.micro_batch_size,
+                         dp_size=1)
+    state = {"step": 0, "model": model.state_dict(), "optimizer": build_optimizer(model, train_cfg).state_dict(),
+             "rng": rng_state(), "loader": loader}
+    config_yaml = OmegaConf.to_yaml({"model": cfg, "train": train_cfg})
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(out_dir) / "config.yaml").write_text(config_yaml)
+    path = save_checkpoint(Path(out_dir), 0, state, config_yaml, keep_last=0)
+    log(f"wrote {path} (model {cfg.preset}, step 0, fresh optimizer; seed {train_cfg.seed}, "
+        f"micro_batch_size {train_cfg.micro_batch_size})")
+    return path

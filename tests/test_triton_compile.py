@@ -1,0 +1,52 @@
+"""Every Triton kernel compiles ahead of time for sm_80 and sm_90, with no GPU.
+
+`triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))` runs the whole pipeline down to
+a cubin (ptxas is bundled with Triton). The default suite compiles a representative set: the
+smallest and the production-sized variant of each kernel, fp32 and bf16; `-m slow` compiles every
+variant a covered call can launch with (`all_linear_metas`, `all_launch_configs`) for both targets.
+Compiling needs kernels decorated without TRITON_INTERPRET, which is how pytest imports them here
+(the interpreter tests set it only in their own subprocess).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.memory import MemoryConfig
+from kernels.memory.triton_chunked import all_linear_metas, linear_launch_configs, linear_meta
+from kernels.newton_schulz.triton_ns import all_launch_configs, launch_config
+from kernels.triton_support import compile_ahead, compiled_stats, interpreted
+
+TARGETS = (80, 90)
+
+
+def _representative():
+    small = linear_meta(MemoryConfig("linear", "gd", "l2", window=2, chunk=16), 16, torch.float32)
+    large = linear_meta(MemoryConfig("linear", "gd", "dot", window=1, chunk=64), 64, torch.bfloat16)
+    configs = linear_launch_configs(torch.float32, small)[::2] + linear_launch_configs(torch.bfloat16, large)[::2]
+    return configs + [launch_config(16, 16)]
+
+
+def _check_compiles(config, capability: int) -> None:
+    assert not interpreted(config.kernel), "kernels were imported under TRITON_INTERPRET=1"
+    compiled = compile_ahead(config, capability)
+    assert compiled.asm.get("cubin"), f"{config.name}: no cubin for sm_{capability}"
+    assert f".target sm_{capability}" in compiled.asm["ptx"]
+    stats = compiled_stats(compiled)
+    # a block that does not fit in an H100's / A100's shared memory could never launch
+    assert stats.shared_bytes <= (227 if capability == 90 else 163) * 1024, (config.name, stats)
+
+
+@pytest.mark.parametrize("capability", TARGETS)
+@pytest.mark.parametrize("config", _representative(), ids=lambda c: c.name.replace(" ", "_"))
+def test_kernel_compiles(config, capability):
+    _check_compiles(config, capability)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("capability", TARGETS)
+def test_every_launch_configuration_compiles(capability):
+    configs = [c for dtype, meta in all_linear_metas() for c in linear_launch_configs(dtype, meta)]
+    configs += all_launch_configs()
+    for config in configs:
+        _check_compiles(config, capability)

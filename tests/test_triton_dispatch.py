@@ -1,0 +1,105 @@
+"""The impl="auto" rule: Triton for covered options on CUDA, the chunked form otherwise, no errors;
+impl="triton" on an uncovered option names it. No GPU here: a CUDA input is stood in for by a
+meta-device tensor whose `is_cuda` is patched, and the coverage check by the device rule."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.memory import MemoryConfig, memory_forward, resolve_impl
+from kernels.memory import dispatch
+from kernels.memory import triton_chunked
+from kernels.newton_schulz import dispatch as ns_dispatch
+from kernels.newton_schulz import newton_schulz, newton_schulz_auto
+from tests.memory_cases import make_inputs
+
+COVERED = MemoryConfig("linear", "gd", "l2", window=3, chunk=32, degree=1)
+UNCOVERED = {
+    "kind='mlp'": MemoryConfig("mlp", "gd", "l2", chunk=16),
+    "rule='muon'": MemoryConfig("linear", "muon", "l2", chunk=16),
+    "chunk=8": MemoryConfig("linear", "gd", "l2", chunk=8),
+    "window=18": MemoryConfig("linear", "gd", "l2", window=18, chunk=16),
+    "state_dtype=torch.float64": MemoryConfig("linear", "gd", "l2", chunk=16, state_dtype=torch.float64),
+    "feature width D=153": MemoryConfig("linear", "gd", "l2", chunk=16, degree=2),
+}
+
+
+class FakeCuda(torch.Tensor):
+    """A tensor that reports itself as CUDA; the dispatch rule reads only is_cuda, dtype and shape."""
+
+    @property
+    def is_cuda(self):  # noqa: D401
+        return True
+
+
+def _q(d_k: int = 16, dtype=torch.bfloat16) -> torch.Tensor:
+    return torch.zeros(1, 4, 2, d_k, dtype=dtype).as_subclass(FakeCuda)
+
+
+@pytest.fixture
+def compiled_device(monkeypatch):
+    """Pretend the kernels can run on the (fake) CUDA tensor: only the device rule is replaced."""
+    monkeypatch.setattr(triton_chunked, "device_reason", lambda kernel, tensor: None)
+
+
+def test_auto_picks_triton_on_cuda_for_covered_options(compiled_device):
+    assert resolve_impl("auto", _q(), COVERED) == "triton"
+    assert resolve_impl("auto", _q(dtype=torch.float32), COVERED) == "triton"
+
+
+@pytest.mark.parametrize("option", list(UNCOVERED))
+def test_auto_falls_back_for_uncovered_options(compiled_device, option):
+    assert resolve_impl("auto", _q(), UNCOVERED[option]) == "chunked"
+
+
+@pytest.mark.parametrize("option", list(UNCOVERED))
+def test_explicit_triton_names_the_uncovered_option(compiled_device, option):
+    with pytest.raises(ValueError, match="impl='triton' does not cover") as error:
+        resolve_impl("triton", _q(), UNCOVERED[option])
+    assert option in str(error.value)
+
+
+def test_auto_falls_back_for_float64_inputs(compiled_device):
+    assert resolve_impl("auto", _q(dtype=torch.float64), COVERED) == "chunked"
+
+
+def test_auto_on_cpu_is_chunked_and_runs():
+    cfg = COVERED
+    q, k, v, gates, params = make_inputs(cfg, length=9, dtype=torch.float32)
+    assert resolve_impl("auto", q, cfg) == "chunked"
+    y_auto, _ = memory_forward(q, k, v, gates, params, cfg, impl="auto")
+    y_chunked, _ = memory_forward(q, k, v, gates, params, cfg, impl="chunked")
+    assert torch.equal(y_auto, y_chunked)
+
+
+def test_explicit_triton_on_cpu_without_interpreter_names_the_device():
+    q = torch.zeros(1, 4, 2, 16)
+    with pytest.raises(ValueError, match="device cpu"):
+        resolve_impl("triton", q, COVERED)
+
+
+def test_unknown_impl_is_rejected():
+    with pytest.raises(ValueError, match="impl='fast'"):
+        resolve_impl("fast", _q(), COVERED)
+
+
+def test_dispatch_reports_missing_triton(monkeypatch):
+    monkeypatch.setattr(dispatch, "triton_unsupported_reason",
+                        lambda q, cfg: "triton unavailable (no module named triton)")
+    assert resolve_impl("auto", _q(), COVERED) == "chunked"
+    with pytest.raises(ValueError, match="triton unavailable"):
+        resolve_impl("triton", _q(), COVERED)
+
+
+def test_newton_schulz_auto_on_cpu_is_the_reference():
+    x = torch.randn(3, 8, 5, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(newton_schulz_auto(x, 5), newton_schulz(x, 5))
+
+
+def test_newton_schulz_auto_uses_triton_for_cuda_tensors(monkeypatch):
+    from kernels.newton_schulz import triton_ns
+    calls = []
+    monkeypatch.setattr(triton_ns, "newton_schulz_auto", lambda m, steps: calls.append(m.shape) or m)
+    x = torch.zeros(2, 8, 8).as_subclass(FakeCuda)
+    ns_dispatch.newton_schulz_auto(x, 5)
+    assert calls == [torch.Size([2, 8, 8])]
