@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 import shutil
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from megatron_atlas.data.config import DataConfig, ShardsDataConfig
-from megatron_atlas.data.documents import BadInputError, expand_inputs
+from megatron_atlas.data.documents import BadInputError, expand_inputs, iter_documents
 from megatron_atlas.data.prepare import PrepareArgs, prepare
 from megatron_atlas.data.shard_format import DTYPES, read_index
 from megatron_atlas.data.shards import LoaderState, ShardError, ShardSource
@@ -112,13 +113,28 @@ def test_bad_inputs_are_counted(tmp_path):
     assert prepare(args, expand_inputs([src]) + [missing], log=lambda line: None)["skipped"]["bad_files"] == 1
 
 
-def test_parquet_without_pyarrow_names_the_package(tmp_path):
-    try:
-        import pyarrow  # noqa: F401
-        pytest.skip("pyarrow is installed")
-    except ImportError:
-        pass
-    (tmp_path / "x.parquet").write_bytes(b"PAR1")
+def test_parquet_is_read_with_missing_texts_counted(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    texts = ["first document", None, "second document", ""]
+    pq.write_table(pa.table({"body": texts, "id": [1, 2, 3, 4]}), tmp_path / "x.parquet")
+    counts: Counter = Counter()
+    docs = list(iter_documents([tmp_path / "x.parquet"], counts, text_field="body"))
+    assert docs == ["first document", "second document"]
+    assert (counts["missing_field"], counts["empty"], counts["files"]) == (1, 1, 1)
+    with pytest.raises(BadInputError, match="no column 'text'"):
+        list(iter_documents([tmp_path / "x.parquet"], Counter()))
+
+
+def test_corrupt_parquet_and_missing_pyarrow_are_named(tmp_path, monkeypatch):
+    (tmp_path / "x.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(BadInputError, match="x.parquet.*not a readable Parquet file"):
+        list(iter_documents([tmp_path / "x.parquet"], Counter()))
+    counts: Counter = Counter()
+    assert list(iter_documents([tmp_path / "x.parquet"], counts, skip_bad_files=True)) == []
+    assert counts["bad_files"] == 1
+    monkeypatch.setitem(sys.modules, "pyarrow", None)   # as if it were not installed
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
     args = PrepareArgs(out_dir=str(tmp_path / "o"), seq_len=SEQ, vocab_size=300, workers=1)
     with pytest.raises(BadInputError, match="pyarrow"):
         prepare(args, [tmp_path / "x.parquet"], log=lambda line: None)

@@ -66,10 +66,14 @@ def _jsonl(data: bytes, field: str, counts: Counter) -> Iterator[str]:
 
 def _parquet(path: Path, field: str, counts: Counter) -> Iterator[str]:
     try:
+        import pyarrow
         import pyarrow.parquet as pq
     except ImportError:
         raise BadInputError(f"{path}: Parquet input needs the pyarrow package (pip install pyarrow)") from None
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except pyarrow.ArrowException as e:
+        raise BadInputError(f"{path}: not a readable Parquet file ({e})") from None
     if field not in table.column_names:
         raise BadInputError(f"{path}: no column {field!r} (columns: {', '.join(table.column_names)})")
     for text in table.column(field).to_pylist():

@@ -47,7 +47,7 @@ class MemoryLayerConfig:
                                     # min(head_dim / 2, 32) (degree > 1: features grow as d_k^p)
     expansion: int = 4           # hidden width of an MLP memory = expansion * head_dim
     momentum: bool = True        # False drops the momentum gate theta (DLA-style rule)
-    max_lr: float = 0.03         # eta = sigmoid(.) * max_lr; 0.1 let tiny Titans diverge (README)
+    max_lr: float = 0.01         # eta = sigmoid(.) * max_lr; 0.1 and 0.03 let tiny Titans diverge (README)
     conv_width: int = 4          # causal depthwise conv on q, k, v
     impl: str = "auto"           # memory operator implementation
 
