@@ -30,9 +30,10 @@ SMALL = ["model.n_layers=1", "model.d_model=32", "model.n_heads=2", "model.memor
 
 # Runs in a fresh interpreter from a temporary cwd, with the project made unimportable: the editable
 # install's finder is removed and the repository is dropped from sys.path; it then checks that no
-# module of the project got imported.
+# module of the project got imported. Triton is made unimportable too: an export must load without it.
 _BLOCKED_LOADER = textwrap.dedent("""
     import importlib.util, json, sys
+    sys.modules["triton"] = None   # `import triton` now raises ImportError
     sys.meta_path[:] = [f for f in sys.meta_path
                         if "__editable__" not in (getattr(f, "__module__", "") or "") + type(f).__module__]
     sys.path[:] = [p for p in sys.path if p not in ("", REPO)]
