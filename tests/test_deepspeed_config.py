@@ -59,7 +59,16 @@ def test_mpu_adapter_reports_the_layout():
     assert not hasattr(mpu, "get_sequence_parallel_world_size")   # ours is Megatron SP, not Ulysses
 
 
-def test_activation_checkpointing_gives_the_same_training(tmp_path):
+def test_activation_checkpointing_gives_the_same_training(tmp_path, monkeypatch):
+    from megatron_atlas.train import recompute
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+    real = recompute.checkpoint
+    monkeypatch.setattr(recompute, "checkpoint", counted)
+
     def run(name: str, *extra: str) -> list[float]:
         cfg = compose("titans", "tiny", "tiny", ["train.steps=3", "train.seq_len=32", "train.eval_every=0",
                                                     "train.data.eval_batches=1", "train.tensorboard=false",
@@ -68,7 +77,9 @@ def test_activation_checkpointing_gives_the_same_training(tmp_path):
         return train(to_model_config(cfg), to_train_config(cfg), log=lambda line: None,
                      parallel_cfg=to_parallel_config(cfg))["losses"]
     plain = run("plain")
+    assert not calls
     recomputed = run("recomputed", "parallel.activation_checkpointing=true")
+    assert len(calls) >= 3 * 2   # every block of every training step went through torch's checkpoint
     assert len(plain) == 3 and all(abs(a - b) < 1e-6 for a, b in zip(plain, recomputed)), (plain, recomputed)
 
 
