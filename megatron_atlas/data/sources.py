@@ -42,6 +42,13 @@ def build_source(cfg: DataConfig, *, batch_size: int, seq_len: int, model_vocab:
     raise ConfigError(f"train.data.kind={cfg.kind!r} has no source")   # DataConfig.validate lists kinds
 
 
+def train_order_seed(cfg: DataConfig, seed: int) -> int:
+    """The seed the training sample order follows: `seed`, unless the shards pin their own."""
+    if cfg.kind == "shards" and cfg.shards.seed is not None:
+        return cfg.shards.seed
+    return seed
+
+
 def _shard_source(cfg: DataConfig, *, batch_size: int, seq_len: int, model_vocab: int, seed: int,
                   split: str, dp_rank: int, dp_size: int, start: Optional[dict]) -> BatchSource:
     from megatron_atlas.data.shards import LoaderState, ShardSource   # numpy/tarfile only when shards are used
@@ -49,7 +56,7 @@ def _shard_source(cfg: DataConfig, *, batch_size: int, seq_len: int, model_vocab
     shards = cfg.shards
     name = shards.train_split if split == "train" else shards.val_split
     # Training order follows shards.seed (or train.seed); evaluation always reads the same batches.
-    order_seed = shards.seed if split == "train" and shards.seed is not None else seed
+    order_seed = train_order_seed(cfg, seed) if split == "train" else seed
     try:
         source = ShardSource(shards.path, name, batch_size=batch_size, seq_len=seq_len, seed=order_seed,
                              dp_rank=dp_rank, dp_size=dp_size,

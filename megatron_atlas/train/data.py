@@ -20,20 +20,13 @@ from typing import Optional
 import torch
 
 from megatron_atlas.data.config import DataConfig
-from megatron_atlas.data.sources import build_source
+from megatron_atlas.data.sources import build_source, train_order_seed
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
-def order_seed(cfg: DataConfig, train_seed: int) -> int:
-    """The seed the training sample order follows (shards may pin their own)."""
-    if cfg.kind == "shards" and cfg.shards.seed is not None:
-        return cfg.shards.seed
-    return train_seed
-
-
 def fresh_state(cfg: DataConfig, *, seed: int, micro_batch_size: int, dp_size: int) -> dict:
-    state = {"seed": order_seed(cfg, seed), "epoch": 0, "consumed": 0}
+    state = {"seed": train_order_seed(cfg, seed), "epoch": 0, "consumed": 0}
     if cfg.kind == "synthetic_mqar":
         state["block"] = micro_batch_size * dp_size
     return state

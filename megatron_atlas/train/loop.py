@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from megatron_atlas.data.sources import build_source
+from megatron_atlas.data.sources import build_source, train_order_seed
 from megatron_atlas.data.synthetic import IGNORE_INDEX, accuracy
 from megatron_atlas.model import build_model, resolve_ffn_hidden
 from megatron_atlas.model.config import ModelConfig
@@ -25,7 +25,7 @@ from megatron_atlas.parallel.state import ParallelState
 from megatron_atlas.train.backends import DeepSpeedBackend, NativeBackend
 from megatron_atlas.train.checkpoint import find_latest
 from megatron_atlas.train.config import ParallelConfig, TrainConfig
-from megatron_atlas.train.data import TrainStream, fresh_state, order_seed, upgrade_state
+from megatron_atlas.train.data import TrainStream, fresh_state, upgrade_state
 from megatron_atlas.train.distributed import is_main_process, launched_world_size, setup_parallel, uses_deepspeed
 from megatron_atlas.train.flops import mfu, training_flops_per_token
 from megatron_atlas.train.metrics import (MetricsWriter, Progress, format_duration, format_rate,
@@ -124,7 +124,7 @@ def _start_loader(cfg: TrainConfig, resumed: Optional[dict], path: Optional[Path
     if resumed is None:
         return fresh_state(cfg.data, seed=cfg.seed, micro_batch_size=cfg.micro_batch_size, dp_size=dp_size)
     loader = upgrade_state(resumed)
-    expected = order_seed(cfg.data, cfg.seed)
+    expected = train_order_seed(cfg.data, cfg.seed)
     if loader["seed"] != expected:
         raise ValueError(f"checkpoint {path} was written with data order seed {loader['seed']}; this run "
                          f"has {expected} (train.seed / train.data.shards.seed), so the data order would "
