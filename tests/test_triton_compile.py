@@ -3,7 +3,8 @@
 `triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))` runs the whole pipeline down to
 a cubin (ptxas is bundled with Triton). The default suite compiles a representative set: the
 smallest and the production-sized variant of each kernel, fp32 and bf16; `-m slow` compiles every
-variant a covered call can launch with (`all_linear_metas`, `all_launch_configs`) for both targets.
+variant a covered call can launch with (`all_linear_metas`, `all_mlp_metas`, `all_launch_configs`)
+for both targets.
 Compiling needs kernels decorated without TRITON_INTERPRET, which is how pytest imports them here
 (the interpreter tests set it only in their own subprocess).
 """
@@ -14,6 +15,7 @@ import torch
 
 from kernels.memory import MemoryConfig
 from kernels.memory.triton_chunked import all_linear_metas, linear_launch_configs, linear_meta
+from kernels.memory.triton_mlp import all_mlp_metas, mlp_launch_configs, mlp_meta
 from kernels.newton_schulz.triton_ns import all_launch_configs, launch_config
 from kernels.triton_support import compile_ahead, compiled_stats, interpreted
 
@@ -24,6 +26,14 @@ def _representative():
     small = linear_meta(MemoryConfig("linear", "gd", "l2", window=2, chunk=16), 16, torch.float32)
     large = linear_meta(MemoryConfig("linear", "gd", "dot", window=1, chunk=64), 64, torch.bfloat16)
     configs = linear_launch_configs(torch.float32, small)[::2] + linear_launch_configs(torch.bfloat16, large)[::2]
+    # the MLP kernels' smallest variant, and the two with the most shared memory: fp32 at b = 64,
+    # and 16-bit values with fp32 (lifted) features at N = 64
+    mlp_small = mlp_meta(MemoryConfig("mlp", "gd", "dot", window=1, chunk=16), 16, 16, torch.float16)
+    mlp_large = mlp_meta(MemoryConfig("mlp", "gd", "l2", window=1, chunk=64), 64, 64, torch.float32)
+    mlp_lifted = mlp_meta(MemoryConfig("mlp", "gd", "l2", window=33, chunk=32, degree=2), 64, 64,
+                          torch.bfloat16)
+    configs += mlp_launch_configs(torch.float16, mlp_small)[::2] + mlp_launch_configs(torch.float32, mlp_large)[::2]
+    configs += mlp_launch_configs(torch.bfloat16, mlp_lifted)[2:]
     return configs + [launch_config(16, 16)]
 
 
@@ -43,10 +53,14 @@ def test_kernel_compiles(config, capability):
     _check_compiles(config, capability)
 
 
+def _every_launch_configuration():
+    configs = [c for dtype, meta in all_linear_metas() for c in linear_launch_configs(dtype, meta)]
+    configs += [c for dtype, meta in all_mlp_metas() for c in mlp_launch_configs(dtype, meta)]
+    return configs + all_launch_configs()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("capability", TARGETS)
-def test_every_launch_configuration_compiles(capability):
-    configs = [c for dtype, meta in all_linear_metas() for c in linear_launch_configs(dtype, meta)]
-    configs += all_launch_configs()
-    for config in configs:
-        _check_compiles(config, capability)
+@pytest.mark.parametrize("config", _every_launch_configuration(), ids=lambda c: c.name.replace(" ", "_"))
+def test_every_launch_configuration_compiles(config, capability):
+    _check_compiles(config, capability)

@@ -14,13 +14,16 @@ from kernels.newton_schulz import newton_schulz, newton_schulz_auto
 from tests.memory_cases import make_inputs
 
 COVERED = MemoryConfig("linear", "gd", "l2", window=3, chunk=32, degree=1)
+COVERED_MLP = MemoryConfig("mlp", "gd", "dot", window=1, chunk=64, degree=1)
 UNCOVERED = {
-    "kind='mlp'": MemoryConfig("mlp", "gd", "l2", chunk=16),
+    "kind='gated_mlp'": MemoryConfig("gated_mlp", "gd", "l2", chunk=16),
     "rule='muon'": MemoryConfig("linear", "muon", "l2", chunk=16),
     "chunk=8": MemoryConfig("linear", "gd", "l2", chunk=8),
     "window=18": MemoryConfig("linear", "gd", "l2", window=18, chunk=16),
     "state_dtype=torch.float64": MemoryConfig("linear", "gd", "l2", chunk=16, state_dtype=torch.float64),
     "feature width D=153": MemoryConfig("linear", "gd", "l2", chunk=16, degree=2),
+    # the MLP kernels hold a chunk's tiles whole: at most 64 window tokens, lifted keys, values
+    "window tokens per chunk b + c - 1=65": MemoryConfig("mlp", "gd", "l2", window=2, chunk=64),
 }
 
 
@@ -45,6 +48,25 @@ def compiled_device(monkeypatch):
 def test_auto_picks_triton_on_cuda_for_covered_options(compiled_device):
     assert resolve_impl("auto", _q(), COVERED) == "triton"
     assert resolve_impl("auto", _q(dtype=torch.float32), COVERED) == "triton"
+    assert resolve_impl("auto", _q(), COVERED_MLP) == "triton"
+
+
+def test_mlp_value_width_decides_coverage(compiled_device):
+    """d_v is not visible in q: memory_forward passes it, and a wide one falls back / is named."""
+    assert resolve_impl("auto", _q(), COVERED_MLP, d_v=64) == "triton"
+    assert resolve_impl("auto", _q(), COVERED_MLP, d_v=96) == "chunked"
+    with pytest.raises(ValueError, match="value width d_v=96"):
+        resolve_impl("triton", _q(), COVERED_MLP, d_v=96)
+    # the linear kernels tile d_v across programs: any width
+    assert resolve_impl("auto", _q(), COVERED, d_v=96) == "triton"
+
+
+def test_mlp_lifted_width_decides_coverage(compiled_device):
+    """Degree 2 on d_k = 10 lifts to D = 66: the linear kernels cover it, the MLP kernels do not."""
+    lifted = dict(window=1, chunk=16, degree=2)
+    assert resolve_impl("auto", _q(d_k=10), MemoryConfig("linear", "gd", "l2", **lifted)) == "triton"
+    with pytest.raises(ValueError, match="lifted key width D=66"):
+        resolve_impl("triton", _q(d_k=10), MemoryConfig("mlp", "gd", "l2", **lifted), d_v=10)
 
 
 @pytest.mark.parametrize("option", list(UNCOVERED))
@@ -85,7 +107,7 @@ def test_unknown_impl_is_rejected():
 
 def test_dispatch_reports_missing_triton(monkeypatch):
     monkeypatch.setattr(dispatch, "triton_unsupported_reason",
-                        lambda q, cfg: "triton unavailable (no module named triton)")
+                        lambda q, cfg, d_v=None: "triton unavailable (no module named triton)")
     assert resolve_impl("auto", _q(), COVERED) == "chunked"
     with pytest.raises(ValueError, match="triton unavailable"):
         resolve_impl("triton", _q(), COVERED)

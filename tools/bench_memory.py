@@ -11,7 +11,7 @@ Sections (each prints its figures and the target it is judged against):
      i.e. close to linear in T).
   3. ours vs `titans_pytorch.NeuralMemory` at a matched configuration (target: ours >= 5x). Needs
      `pip install -r requirements-bench.txt`; without it the section prints a note and is skipped.
-  4. the memory operator alone (linear memory, gd, bf16 inputs, 16 heads, d_k = d_v = 64): impl=triton
+  4. the memory operator alone (linear and MLP memory, gd, bf16 inputs, 16 heads, d_k = d_v = 64): impl=triton
      vs impl=chunked at T=8K (target: triton >= 3x), and triton vs FlashAttention-2 causal fwd+bwd
      at T=16K on the same shape (target: triton at least as fast). Needs CUDA; on any device it
      also prints each Triton kernel variant's registers, spill stack and shared memory for sm_80 and
@@ -380,10 +380,11 @@ def time_op(name: str, run, inputs: Sequence[Tensor], warmup: int, repeats: int)
     return timing
 
 
-def memory_op_inputs(length: int, device: torch.device, heads: int = 16, dim: int = 64,
-                     dtype: torch.dtype = torch.bfloat16, seed: int = 0):
-    """q, k, v [1, T, H, d] (bf16, unit-norm keys), gates and params of a linear memory."""
-    from kernels.memory import Gates
+def memory_op_inputs(length: int, device: torch.device, kind: str = "linear", heads: int = 16,
+                     dim: int = 64, expansion: int = 4, dtype: torch.dtype = torch.bfloat16,
+                     seed: int = 0):
+    """q, k, v [1, T, H, d] (bf16, unit-norm keys), gates, and the weights of a `kind` memory
+    (linear W [H, d, d]; mlp W1 [H, d, expansion*d], W2 [H, expansion*d, d])."""
     gen = torch.Generator().manual_seed(seed)
 
     def rand(*shape):
@@ -396,18 +397,22 @@ def memory_op_inputs(length: int, device: torch.device, heads: int = 16, dim: in
              (0.1 * rand(1, length, heads)).requires_grad_(),
              (0.5 + 0.4 * rand(1, length, heads)).requires_grad_(),
              rand(1, length, heads).requires_grad_()]
-    params = {"W": (0.1 * torch.randn(heads, dim, dim, generator=gen)).to(device).requires_grad_()}
-    return [q, k, v, *gates, params["W"]]
+    shapes = [(dim, dim)] if kind == "linear" else [(dim, expansion * dim), (expansion * dim, dim)]
+    weights = [(0.1 * torch.randn(heads, *shape, generator=gen)).to(device).requires_grad_()
+               for shape in shapes]
+    return [q, k, v, *gates, *weights]
 
 
 def kernel_resources(which: str) -> List[Dict[str, object]]:
     """Registers, spill stack and shared memory of the Triton kernels, compiled for sm_80, sm_90."""
     from kernels.memory import MemoryConfig
     from kernels.memory.triton_chunked import all_linear_metas, linear_launch_configs, linear_meta
+    from kernels.memory.triton_mlp import all_mlp_metas, mlp_launch_configs, mlp_meta
     from kernels.newton_schulz.triton_ns import all_launch_configs, launch_config
     from kernels.triton_support import compile_ahead, compiled_stats
     if which == "all":
         configs = [c for dtype, meta in all_linear_metas() for c in linear_launch_configs(dtype, meta)]
+        configs += [c for dtype, meta in all_mlp_metas() for c in mlp_launch_configs(dtype, meta)]
         configs += all_launch_configs()
     else:   # the production shape d = 64 at every chunk size, bf16, with and without a window
         configs = []
@@ -415,6 +420,9 @@ def kernel_resources(which: str) -> List[Dict[str, object]]:
             for window in (1, 4):
                 meta = linear_meta(MemoryConfig("linear", "gd", "l2", window, chunk), 64, torch.bfloat16)
                 configs += [c for c in linear_launch_configs(torch.bfloat16, meta) if "save=0" not in c.name]
+            for window in sorted({1, min(chunk + 1, 65 - chunk)}):   # MLP: c - 1 <= b, b + c - 1 <= 64
+                meta = mlp_meta(MemoryConfig("mlp", "gd", "l2", window, chunk), 64, 64, torch.bfloat16)
+                configs += [c for c in mlp_launch_configs(torch.bfloat16, meta) if "save=0" not in c.name]
         configs += [launch_config(64, 64), launch_config(64, 128)]
     rows = []
     print(f"  {'kernel variant':<58} {'sm':>3} {'warps':>5} {'stages':>6} {'regs':>5} "
@@ -437,39 +445,51 @@ def bench_triton(args: argparse.Namespace, device: torch.device) -> Dict[str, ob
     from kernels.memory import Gates, MemoryConfig, memory_forward
     print("\n[4] memory operator fwd+bwd: triton vs chunked, and vs FlashAttention-2")
     result: Dict[str, object] = {}
-    cfg = MemoryConfig("linear", "gd", "l2", window=1, chunk=args.chunk if args.chunk in (16, 32, 64) else 64)
-    print_config("config", {"kind": cfg.kind, "rule": cfg.rule, "loss": cfg.loss, "chunk": cfg.chunk,
-                            "heads": 16, "d_k": 64, "d_v": 64, "dtype": "bf16 in, fp32 state"})
+    chunk = args.chunk if args.chunk in (16, 32, 64) else 64
+    configs = {kind: MemoryConfig(kind, "gd", "l2", window=1, chunk=chunk) for kind in ("linear", "mlp")}
+    print_config("config", {"kinds": "linear, mlp (hidden 4 x 64)", "rule": "gd", "loss": "l2",
+                            "chunk": chunk, "heads": 16, "d_k": 64, "d_v": 64,
+                            "dtype": "bf16 in, fp32 state"})
     if device.type != "cuda":
         print("  no CUDA device: Triton timings not measured (open figures); targets are triton >= "
               f"{TARGET_TRITON_VS_CHUNKED:g}x chunked at T=8K and >= FlashAttention-2 at T=16K")
     else:
-        def op(impl):
-            return lambda q, k, v, a, e, t, g, w: memory_forward(q, k, v, Gates(a, e, t, g), {"W": w},
-                                                                 cfg, impl=impl)
-        inputs = memory_op_inputs(args.triton_length, device)
-        timings = {impl: time_op(f"memory op {impl}", op(impl), inputs, args.warmup, args.repeats)
-                   for impl in ("triton", "chunked")}
-        for t in timings.values():
-            print_timing(t)
-        ratio = timings["chunked"].median / timings["triton"].median
-        print(f"  speed-up triton / chunked: {ratio:.2f}x ({verdict(ratio, TARGET_TRITON_VS_CHUNKED, True)})")
-        result.update({impl: t.as_dict() for impl, t in timings.items()}, speedup_vs_chunked=ratio)
-        long_inputs = memory_op_inputs(args.triton_flash_length, device)
-        triton_long = time_op("memory op triton", op("triton"), long_inputs, args.warmup, args.repeats)
-        print_timing(triton_long)
-        result["triton_long"] = triton_long.as_dict()
+        def op(kind: str, impl: str):
+            names = configs[kind].weight_names
+            return lambda q, k, v, a, e, t, g, *w: memory_forward(
+                q, k, v, Gates(a, e, t, g), dict(zip(names, w)), configs[kind], impl=impl)
+
+        for kind in configs:
+            inputs = memory_op_inputs(args.triton_length, device, kind)
+            timings = {impl: time_op(f"{kind} memory op {impl}", op(kind, impl), inputs, args.warmup,
+                                     args.repeats) for impl in ("triton", "chunked")}
+            for t in timings.values():
+                print_timing(t)
+            ratio = timings["chunked"].median / timings["triton"].median
+            print(f"  {kind}: speed-up triton / chunked: {ratio:.2f}x "
+                  f"({verdict(ratio, TARGET_TRITON_VS_CHUNKED, True)})")
+            result[kind] = {**{impl: t.as_dict() for impl, t in timings.items()},
+                            "speedup_vs_chunked": ratio}
+            long_inputs = memory_op_inputs(args.triton_flash_length, device, kind)
+            triton_long = time_op(f"{kind} memory op triton", op(kind, "triton"), long_inputs,
+                                  args.warmup, args.repeats)
+            print_timing(triton_long)
+            result[kind]["triton_long"] = triton_long.as_dict()
         try:
             from flash_attn import flash_attn_func
         except ImportError:
             print("  flash-attn not installed (pip install -r requirements-gpu.txt): comparison skipped")
         else:
+            long_inputs = memory_op_inputs(args.triton_flash_length, device)
             flash = time_op("flash-attn 2 causal", lambda q, k, v: flash_attn_func(q, k, v, causal=True),
                             long_inputs[:3], args.warmup, args.repeats)
             print_timing(flash)
-            ratio = flash.median / triton_long.median
-            print(f"  triton vs FlashAttention-2: {ratio:.2f}x ({verdict(ratio, TARGET_TRITON_VS_FLASH, True)})")
-            result.update(flash=flash.as_dict(), speedup_vs_flash=ratio)
+            result["flash"] = flash.as_dict()
+            for kind in configs:
+                ratio = flash.median / result[kind]["triton_long"]["median_s"]
+                print(f"  {kind} triton vs FlashAttention-2: {ratio:.2f}x "
+                      f"({verdict(ratio, TARGET_TRITON_VS_FLASH, True)})")
+                result[kind]["speedup_vs_flash"] = ratio
     if args.kernel_resources != "none":
         print(f"  compiled kernel resources ({args.kernel_resources}; ahead of time, no GPU needed):")
         result["kernel_resources"] = kernel_resources(args.kernel_resources)

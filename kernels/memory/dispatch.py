@@ -26,25 +26,28 @@ IMPLEMENTATIONS = {"reference": memory_forward_reference, "chunked": memory_forw
                    "triton": memory_forward_triton}
 
 
-def triton_unsupported_reason(q: torch.Tensor, cfg: MemoryConfig) -> Optional[str]:
-    """None when impl="triton" covers `cfg` for inputs like q; otherwise the option it does not cover."""
+def triton_unsupported_reason(q: torch.Tensor, cfg: MemoryConfig, d_v: Optional[int] = None
+                              ) -> Optional[str]:
+    """None when impl="triton" covers `cfg` for inputs like q (values of width d_v, default d_k);
+    otherwise the option it does not cover."""
     try:
         from .triton_chunked import unsupported_reason
     except ImportError as error:   # triton missing or broken: report it as the reason
         return f"triton unavailable ({error})"
-    return unsupported_reason(cfg, q)
+    return unsupported_reason(cfg, q, d_v)
 
 
-def resolve_impl(impl: str, q: torch.Tensor, cfg: MemoryConfig) -> str:
-    """The implementation `impl` stands for; "auto" is the fastest one that covers `cfg` on q's device."""
+def resolve_impl(impl: str, q: torch.Tensor, cfg: MemoryConfig, d_v: Optional[int] = None) -> str:
+    """The implementation `impl` stands for; "auto" is the fastest one that covers `cfg` on q's
+    device, for values of width d_v (default: q's width)."""
     if impl == "auto":
-        if q.is_cuda and triton_unsupported_reason(q, cfg) is None:
+        if q.is_cuda and triton_unsupported_reason(q, cfg, d_v) is None:
             return "triton"
         return "chunked"
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"impl={impl!r}; available: auto, {', '.join(IMPLEMENTATIONS)}")
     if impl == "triton":
-        reason = triton_unsupported_reason(q, cfg)
+        reason = triton_unsupported_reason(q, cfg, d_v)
         if reason is not None:
             raise ValueError(f"impl='triton' does not cover {reason}; use impl='auto' or 'chunked'")
     return impl
@@ -55,4 +58,4 @@ def memory_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: Gat
                    state: Optional[MemoryState] = None, impl: str = "auto"
                    ) -> Tuple[torch.Tensor, MemoryState]:
     """Run the memory over q, k [B, T, H, d_k], v [B, T, H, d_v]; returns y [B, T, H, d_v] and the state."""
-    return IMPLEMENTATIONS[resolve_impl(impl, q, cfg)](q, k, v, gates, params, cfg, state)
+    return IMPLEMENTATIONS[resolve_impl(impl, q, cfg, v.shape[-1])](q, k, v, gates, params, cfg, state)

@@ -1,14 +1,14 @@
 """`memory_forward` with impl="triton": the chunk recurrence in fused Triton kernels.
 
-Covered: kind `linear`, rule `gd`, losses `l2` and `dot`, any window c with c - 1 <= b, chunk sizes
-16, 32, 64, feature degrees 1 and 2 while the lifted width D <= 128, fp32 state, inputs in fp32,
-bf16 or fp16. `unsupported_reason` names the first option outside that set; dispatch falls back to
-the PyTorch chunked form for it.
+Covered: kinds `linear` and `mlp`, rule `gd`, losses `l2` and `dot`, any window c with c - 1 <= b,
+chunk sizes 16, 32, 64, feature degrees 1 and 2 while the lifted width D <= 128 (and, for `mlp`,
+d_v <= 128; any hidden width), fp32 state, inputs in fp32, bf16 or fp16. `unsupported_reason` names
+the first option outside that set; dispatch falls back to the PyTorch chunked form for it.
 
 Split of work: PyTorch computes the parallel, chunk-local parts (feature maps phi, and the gate
 coefficients of every chunk from log-space products, reusing `chunked.chunk_coefficients`); the
 kernels run the sequential part, the state recurrence over chunks, forward and backward
-(`triton_linear_kernels`). Autograd carries the kernels' coefficient and feature gradients back to
+(`triton_linear_kernels`; the MLP memory's in `triton_mlp` / `triton_mlp_kernels`). Autograd carries the kernels' coefficient and feature gradients back to
 the gates, the feature coefficients `a` and q, k.
 """
 from __future__ import annotations
@@ -16,14 +16,14 @@ from __future__ import annotations
 from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
-from kernels.triton_support import (HAS_TRITON, IEEE, TF32, TRITON_DTYPES, LaunchConfig,
-                                    device_reason, next_pow2)
+from kernels.triton_support import HAS_TRITON, IEEE, TF32, LaunchConfig, device_reason, next_pow2
 
-from .chunked import chunk_coefficients
 from .features import feature_dim, poly_features
-from .inputs import finish, prepare
+from .inputs import Prepared, finish, prepare
+from .triton_common import (CHUNKS, INPUT_DTYPES, GdCoefficients, cdiv, dtype_label, feature_dtype,
+                            fold_windows, gd_coefficients, kernel_signature, pad_tokens)
+from .triton_mlp import MlpGd, mlp_meta, mlp_unsupported_reason
 from .types import Gates, MemoryConfig, MemoryState
 
 if HAS_TRITON:
@@ -31,18 +31,19 @@ if HAS_TRITON:
 else:  # pragma: no cover - exercised only on installs without triton
     linear_gd_fwd = linear_gd_bwd = None
 
-CHUNKS = (16, 32, 64)
 MAX_FEATURE_BLOCK = 128
-INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+KINDS = ("linear", "mlp")
 
 
-def unsupported_reason(cfg: MemoryConfig, q: torch.Tensor) -> Optional[str]:
-    """None when impl="triton" covers `cfg` for inputs like q [B, T, H, d_k]; else the option at fault."""
+def unsupported_reason(cfg: MemoryConfig, q: torch.Tensor, d_v: Optional[int] = None) -> Optional[str]:
+    """None when impl="triton" covers `cfg` for inputs like q [B, T, H, d_k] and values of width d_v
+    (default d_k); else the option at fault."""
+    d_v = q.shape[-1] if d_v is None else d_v
     device = device_reason(linear_gd_fwd, q)
     if device is not None:
         return device
-    if cfg.kind != "linear":
-        return f"kind={cfg.kind!r} (Triton covers kind='linear')"
+    if cfg.kind not in KINDS:
+        return f"kind={cfg.kind!r} (Triton covers kind in {KINDS})"
     if cfg.rule != "gd":
         return f"rule={cfg.rule!r} (Triton covers rule='gd')"
     if cfg.chunk not in CHUNKS:
@@ -57,6 +58,8 @@ def unsupported_reason(cfg: MemoryConfig, q: torch.Tensor) -> Optional[str]:
     if next_pow2(width) > MAX_FEATURE_BLOCK:
         return (f"feature width D={width} (d_k={q.shape[-1]}, degree={cfg.degree}); "
                 f"Triton keeps the state in registers and covers D <= {MAX_FEATURE_BLOCK}")
+    if cfg.kind == "mlp":
+        return mlp_unsupported_reason(cfg, width, d_v)
     return None
 
 
@@ -75,6 +78,7 @@ class LinearMeta(NamedTuple):
     num_warps: int
     stages_fwd: int
     stages_bwd: int
+    fp32_features: bool   # degree > 1: the lifted q, k arrive in fp32 (`feature_dtype`)
 
 
 def linear_meta(cfg: MemoryConfig, width: int, dtype: torch.dtype) -> LinearMeta:
@@ -88,22 +92,14 @@ def linear_meta(cfg: MemoryConfig, width: int, dtype: torch.dtype) -> LinearMeta
     return LinearMeta(cfg.chunk, cfg.window, next_pow2(cfg.chunk + cfg.window - 1), block_d,
                       32 if cfg.chunk == 16 and block_d <= 64 else 16, 16, cfg.loss == "l2",
                       IEEE if dtype == torch.float32 else TF32, 8,
-                      2 if cfg.chunk == 32 else 1, 1 if cfg.chunk == 16 else 2)
+                      2 if cfg.chunk == 32 else 1, 1 if cfg.chunk == 16 else 2,
+                      feature_dtype(dtype, cfg.degree) != dtype)
 
 
 _FWD_POINTERS = ("Q", "X", "V", "MIX", "R", "CR", "MW", "MS", "ENDS", "W0", "S0", "Y", "WS", "SS",
                  "WF", "SF")
 _BWD_POINTERS = ("Q", "X", "V", "MIX", "R", "CR", "MW", "MS", "ENDS", "WS", "SS", "DY", "DWF", "DSF",
                  "DQ", "DX", "DVAL", "DMIX", "DR", "DCR", "DMW", "DMS", "DENDS", "DW0", "DS0")
-_INPUT_POINTERS = ("Q", "X", "V")   # loaded in the input dtype; everything else is fp32
-
-
-def _signature(pointers, scalars, constexprs, dtype: torch.dtype) -> Dict[str, str]:
-    input_type = "*" + TRITON_DTYPES[str(dtype).removeprefix("torch.")]
-    sig = {p: input_type if p in _INPUT_POINTERS else "*fp32" for p in pointers}
-    sig.update({s: "i32" for s in scalars})
-    sig.update({c: "constexpr" for c in constexprs})
-    return sig
 
 
 def _fwd_constexprs(meta: LinearMeta, save: bool) -> Dict[str, object]:
@@ -118,86 +114,37 @@ def _bwd_constexprs(meta: LinearMeta) -> Dict[str, object]:
 
 def linear_launch_configs(dtype: torch.dtype, meta: LinearMeta):
     """The compiled variants one launch with `meta` can use: forward with and without saving, backward."""
-    label = (f"{TRITON_DTYPES[str(dtype).removeprefix('torch.')]} b={meta.chunk} "
+    label = (f"{dtype_label(dtype)}{'+fp32 features' if meta.fp32_features else ''} b={meta.chunk} "
              f"N={meta.block_n} D={meta.block_d} {'l2' if meta.l2 else 'dot'}")
     configs = []
     for save in (True, False):
         constexprs = _fwd_constexprs(meta, save)
         configs.append(LaunchConfig(
             f"linear_gd_fwd {label} V={meta.block_v_fwd} save={int(save)}", linear_gd_fwd,
-            _signature(_FWD_POINTERS, ("T_PAD", "D", "DV", "N_CHUNKS", "WIN"), constexprs, dtype),
+            kernel_signature(_FWD_POINTERS, ("T_PAD", "D", "DV", "N_CHUNKS", "WIN"), constexprs,
+                             dtype, meta.fp32_features),
             constexprs, meta.num_warps, meta.stages_fwd))
     constexprs = _bwd_constexprs(meta)
     configs.append(LaunchConfig(
         f"linear_gd_bwd {label} V={meta.block_v_bwd}", linear_gd_bwd,
-        _signature(_BWD_POINTERS, ("T_PAD", "D", "DV", "N_CHUNKS", "BH", "WIN"), constexprs, dtype),
+        kernel_signature(_BWD_POINTERS, ("T_PAD", "D", "DV", "N_CHUNKS", "BH", "WIN"), constexprs,
+                         dtype, meta.fp32_features),
         constexprs, meta.num_warps, meta.stages_bwd))
     return configs
 
 
 def all_linear_metas():
     """Every (dtype, meta) a covered call can launch with. The window enters the code only through
-    N = b + c - 1 (a runtime bound inside BLOCK_N), so one window per BLOCK_N value stands for all."""
+    N = b + c - 1 (a runtime bound inside BLOCK_N), so one window per BLOCK_N value stands for all;
+    16-bit inputs launch twice over, with features in the input dtype (degree 1) and in fp32."""
     for dtype in INPUT_DTYPES:
-        for chunk in CHUNKS:
-            for window in (1, chunk + 1):          # BLOCK_N = chunk, and 2 * chunk
-                for block_d in (16, 32, 64, 128):
-                    for loss in ("l2", "dot"):
-                        cfg = MemoryConfig("linear", "gd", loss, window, chunk)
-                        yield dtype, linear_meta(cfg, block_d, dtype)
-
-
-# ----------------------------------------------------------------------------- gate coefficients
-
-
-class GdCoefficients(NamedTuple):
-    mixing: torch.Tensor   # [B, H, NC, b, N]: y and W_t read the chunk's rank-one gradients with it
-    retain: torch.Tensor   # [B, H, NC, b]: A_t
-    carry: torch.Tensor    # [B, H, NC, b]: weight of S_s in W_t (zero without momentum)
-    end_w: torch.Tensor    # [B, H, NC, N]: mixing row of the chunk's last token
-    end_s: torch.Tensor    # [B, H, NC, N]: momentum weights of the chunk's last token
-    ends: torch.Tensor     # [B, H, NC, 3]: A, carry and P at the chunk's last token
-
-
-def _last_rows(x: torch.Tensor, last: int) -> torch.Tensor:
-    """[.., NC, b(, F)] -> [.., NC(, F)]: row b-1 of every chunk but the last, row `last` there."""
-    return torch.cat([x[..., :-1, -1, :] if x.dim() > 4 else x[..., :-1, -1],
-                      x[..., -1:, last, :] if x.dim() > 4 else x[..., -1:, last]], dim=2)
-
-
-def gd_coefficients(alpha: torch.Tensor, eta: torch.Tensor, theta: Optional[torch.Tensor],
-                    g_win: torch.Tensor, chunk: int, window: int, length: int) -> GdCoefficients:
-    """Gate algebra of every chunk at once (alpha, eta, theta [B, H, T_pad], g_win [B, H, T_pad+c-1]);
-    the same coefficients as `chunked._gd_chunk`, with the chunk-end rows taken at the last real token."""
-    split = lambda x: x.unflatten(-1, (x.shape[-1] // chunk, chunk))  # noqa: E731
-    coef = chunk_coefficients(split(alpha), None if theta is None else split(theta),
-                              g_win.unfold(-1, chunk + window - 1, chunk), window)
-    momentum_rows = (coef.momentum_pairs * split(eta).unsqueeze(-2)) @ coef.window
-    mixing = coef.retain_pairs @ momentum_rows
-    if coef.momentum_carry is None:
-        carry = torch.zeros_like(coef.retain)
-        momentum_carry = carry
-    else:
-        carry = (coef.retain_pairs @ coef.momentum_carry.unsqueeze(-1)).squeeze(-1)
-        momentum_carry = coef.momentum_carry
-    last = (length - 1) % chunk
-    ends = torch.stack([_last_rows(coef.retain, last), _last_rows(carry, last),
-                        _last_rows(momentum_carry, last)], dim=-1)
-    return GdCoefficients(mixing, coef.retain, carry, _last_rows(mixing, last),
-                          _last_rows(momentum_rows, last), ends)
-
-
-def fold_windows(per_chunk: torch.Tensor, chunk: int, window: int) -> torch.Tensor:
-    """[.., NC, b+c-1, F] per-chunk window rows -> [.., NC*b + c-1, F], summing rows two chunks share."""
-    n_chunks = per_chunk.shape[-3]
-    out = F.pad(per_chunk[..., :chunk, :].flatten(-3, -2), (0, 0, 0, chunk))
-    if window > 1:   # chunk n's rows b.. sit where chunk n+1's first c-1 rows sit
-        tail = F.pad(per_chunk[..., chunk:, :], (0, 0, 0, chunk - (window - 1))).flatten(-3, -2)
-        out = out + F.pad(tail, (0, 0, chunk, 0))
-    return out[..., :n_chunks * chunk + window - 1, :]
-
-
-# ----------------------------------------------------------------------------- autograd
+        for degree in ((1,) if dtype == torch.float32 else (1, 2)):
+            for chunk in CHUNKS:
+                for window in (1, chunk + 1):          # BLOCK_N = chunk, and 2 * chunk
+                    for block_d in (16, 32, 64, 128):
+                        for loss in ("l2", "dot"):
+                            cfg = MemoryConfig("linear", "gd", loss, window, chunk, degree)
+                            yield dtype, linear_meta(cfg, block_d, dtype)
 
 
 class _LinearGd(torch.autograd.Function):
@@ -215,7 +162,7 @@ class _LinearGd(torch.autograd.Function):
         w_final, s_final = torch.empty(bh, d_v, width, **f32), torch.empty(bh, d_v, width, **f32)
         shape = (bh, n_chunks, d_v, width) if save else (1,)
         w_saved, s_saved = torch.empty(shape, **f32), torch.empty(shape, **f32)
-        grid = (bh, triton_cdiv(d_v, meta.block_v_fwd))
+        grid = (bh, cdiv(d_v, meta.block_v_fwd))
         linear_gd_fwd[grid](q, x, v, mixing, retain, carry, end_w, end_s, ends, w0, s0, y,
                             w_saved, s_saved, w_final, s_final, t_pad, width, d_v, n_chunks,
                             meta.window,
@@ -234,7 +181,7 @@ class _LinearGd(torch.autograd.Function):
         d_v = v.shape[-1]
         n_chunks = t_pad // meta.chunk
         n_win = meta.chunk + meta.window - 1
-        parts = triton_cdiv(d_v, meta.block_v_bwd)
+        parts = cdiv(d_v, meta.block_v_bwd)
         f32 = dict(dtype=torch.float32, device=q.device)
 
         def grad_or_zeros(g, like):
@@ -262,26 +209,36 @@ class _LinearGd(torch.autograd.Function):
                 dcr.sum(0), dmw.sum(0), dms.sum(0), dends.sum(0), dw0, ds0, None)
 
 
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 # ----------------------------------------------------------------------------- entry point
 
 
-def _pad_tokens(x: torch.Tensor, count: int, value: float) -> torch.Tensor:
-    """Appends `count` tokens along dim 2 of a head-major tensor [B, H, T(, F)]."""
-    if count == 0:
-        return x
-    pad = (0, 0, 0, count) if x.dim() == 4 else (0, count)
-    return F.pad(x, pad, value=value)
+def _flat(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[B, H, ...] -> contiguous [B*H, ...] in `dtype` (the kernels' layout)."""
+    return x.to(dtype).flatten(0, 1).contiguous()
+
+
+def _run_linear(prep: Prepared, cfg: MemoryConfig, q: torch.Tensor, x: torch.Tensor,
+                values: torch.Tensor, coef: GdCoefficients):
+    meta = linear_meta(cfg, q.shape[-1], values.dtype)
+    y, w, s = _LinearGd.apply(q, x, values, *coef, _flat(prep.state.weights["W"]),
+                              _flat(prep.state.momentum["W"]), meta)
+    return y, {"W": w}, {"W": s}
+
+
+def _run_mlp(prep: Prepared, cfg: MemoryConfig, q: torch.Tensor, x: torch.Tensor,
+             values: torch.Tensor, coef: GdCoefficients):
+    meta = mlp_meta(cfg, q.shape[-1], values.shape[-1], values.dtype)
+    weights, momentum = prep.state.weights, prep.state.momentum
+    y, w1, w2, s1, s2 = MlpGd.apply(q, x, values, *coef, _flat(weights["W1"]), _flat(weights["W2"]),
+                                    _flat(momentum["W1"]), _flat(momentum["W2"]), meta)
+    return y, {"W1": w1, "W2": w2}, {"W1": s1, "W2": s2}
 
 
 def memory_forward_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: Gates,
                           params: Dict[str, torch.Tensor], cfg: MemoryConfig,
                           state: Optional[MemoryState] = None
                           ) -> Tuple[torch.Tensor, MemoryState]:
-    reason = unsupported_reason(cfg, q)
+    reason = unsupported_reason(cfg, q, v.shape[-1])
     if reason is not None:
         raise ValueError(f"impl='triton' does not cover {reason}; use impl='auto' or 'chunked'")
     prep = prepare(q, k, v, gates, params, cfg, state)
@@ -289,29 +246,24 @@ def memory_forward_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gat
     if length == 0:
         from .chunked import memory_forward_chunked
         return memory_forward_chunked(q, k, v, gates, params, cfg, state)
-    d_v = prep.v_win.shape[-1]
     chunk, window = cfg.chunk, cfg.window
     pad = -length % chunk
-    t_pad = length + pad
     # padding tokens: retention and momentum 1, learning rate and window gate 0, so they touch no
     # state; the chunk-end coefficients are read at the last real token anyway.
-    coef = gd_coefficients(_pad_tokens(prep.alpha, pad, 1.0), _pad_tokens(prep.eta, pad, 0.0),
-                           None if prep.theta is None else _pad_tokens(prep.theta, pad, 1.0),
-                           _pad_tokens(prep.g_win, pad, 0.0), chunk, window, length)
-    in_dtype = q.dtype
-    features_q = _pad_tokens(poly_features(prep.q, prep.a, cfg.degree), pad, 0.0)
-    features_k = _pad_tokens(poly_features(prep.k_win, prep.a, cfg.degree), pad, 0.0)
-    values = _pad_tokens(prep.v_win, pad, 0.0)
-    width = features_q.shape[-1]
-    meta = linear_meta(cfg, width, in_dtype)
-
-    def flat(x: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-        return x.to(dtype).flatten(0, 1).contiguous()
-
-    y, w_final, s_final = _LinearGd.apply(
-        flat(features_q, in_dtype), flat(features_k, in_dtype), flat(values, in_dtype),
-        *(flat(c) for c in coef), flat(prep.state.weights["W"]), flat(prep.state.momentum["W"]), meta)
-    y = y.view(batch, heads, t_pad, d_v)[:, :, :length]
-    weights = {"W": w_final.view(batch, heads, d_v, width)}
-    momentum = {"W": s_final.view(batch, heads, d_v, width)}
-    return finish(prep, y, weights, momentum, cfg)
+    coef = gd_coefficients(pad_tokens(prep.alpha, pad, 1.0), pad_tokens(prep.eta, pad, 0.0),
+                           None if prep.theta is None else pad_tokens(prep.theta, pad, 1.0),
+                           pad_tokens(prep.g_win, pad, 0.0), chunk, window, length)
+    mlp_residual = cfg.kind == "mlp" and prep.residual
+    # an MLP memory's key residual enters only the l2 error: E = r_k + A W1^T - V
+    values = prep.v_win - prep.k_win if mlp_residual and cfg.loss == "l2" else prep.v_win
+    run = _run_linear if cfg.kind == "linear" else _run_mlp
+    lifted = feature_dtype(q.dtype, cfg.degree)
+    y, weights, momentum = run(
+        prep, cfg, _flat(pad_tokens(poly_features(prep.q, prep.a, cfg.degree), pad, 0.0), lifted),
+        _flat(pad_tokens(poly_features(prep.k_win, prep.a, cfg.degree), pad, 0.0), lifted),
+        _flat(pad_tokens(values, pad, 0.0), q.dtype), GdCoefficients(*(_flat(c) for c in coef)))
+    y = y.unflatten(0, (batch, heads))[:, :, :length]
+    if mlp_residual:
+        y = y + prep.q
+    unflat = lambda tensors: {n: t.unflatten(0, (batch, heads)) for n, t in tensors.items()}  # noqa: E731
+    return finish(prep, y, unflat(weights), unflat(momentum), cfg)
