@@ -48,6 +48,24 @@ def test_chunked_without_momentum(kind, rule):
         assert relative_error(actual, expected) < 1e-8
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_gd_recurrence_any_thread_count(kind, threads):
+    """On CPU the gd recurrence splits the (batch, head) rows into one group per thread (4 rows
+    here: one group, or uneven groups); the result must not depend on it."""
+    cfg = MemoryConfig(kind, "gd", "l2", window=2, chunk=4, degree=1)
+    y_ref, s_ref, g_ref = _run_with_grads("reference", cfg, make_inputs(cfg))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y, s, g = _run_with_grads("chunked", cfg, make_inputs(cfg))
+    finally:
+        torch.set_num_threads(previous)
+    assert relative_error(y, y_ref) < 1e-8
+    for actual, expected in zip(g, g_ref):
+        assert relative_error(actual, expected) < 1e-8
+
+
 def _split(x, at):
     return None if x is None else (x[:, :at], x[:, at:])
 
@@ -70,6 +88,34 @@ def test_state_passing_equals_one_call(impl, kind, rule, window):
         assert relative_error(s_end.momentum[name], s_full.momentum[name]) < 1e-12
     assert torch.equal(s_end.window_k, s_full.window_k)
     assert s_end.window_k.shape[1] == window - 1
+
+
+def _two_calls_with_grads(impl: str, cfg: MemoryConfig, inputs, at: int):
+    """Outputs of two calls (the second continues from the first's state) and the gradients of
+    every leaf, which reach the first call through the carried weights and momentum."""
+    q, k, v, gates, params = inputs
+    tensors = leaves(q, k, v, gates, params)
+    first = Gates(*[None if g is None else g[:, :at] for g in gates])
+    second = Gates(*[None if g is None else g[:, at:] for g in gates])
+    y1, state = memory_forward(q[:, :at], k[:, :at], v[:, :at], first, params, cfg, impl=impl)
+    y2, s_end = memory_forward(q[:, at:], k[:, at:], v[:, at:], second, params, cfg, state=state,
+                               impl=impl)
+    y = torch.cat([y1, y2], dim=1)
+    probe = torch.randn(y.shape, generator=torch.Generator().manual_seed(3), dtype=y.dtype)
+    objective = (y * probe).sum() + sum(s.pow(2).sum() for s in s_end.momentum.values())
+    return y, torch.autograd.grad(objective, tensors)
+
+
+@pytest.mark.parametrize("kind,loss,window,degree,d_v", [("mlp", "l2", 3, 2, 4), ("mlp", "dot", 1, 1, 3),
+                                                         ("mlp", "l2", 2, 1, 3), ("linear", "l2", 3, 1, 5)])
+def test_gradients_through_carried_state(kind, loss, window, degree, d_v):
+    """Covers the gradient of the incoming momentum, and d_k != d_v (an mlp memory without residual)."""
+    cfg = MemoryConfig(kind, "gd", loss, window=window, chunk=4, degree=degree)
+    y_ref, g_ref = _two_calls_with_grads("reference", cfg, make_inputs(cfg, length=14, d_v=d_v), at=8)
+    y, g = _two_calls_with_grads("chunked", cfg, make_inputs(cfg, length=14, d_v=d_v), at=8)
+    assert relative_error(y, y_ref) < 1e-8
+    for actual, expected in zip(g, g_ref):
+        assert relative_error(actual, expected) < 1e-8
 
 
 def _online_linear(q, k, v, gates: Gates, W0, rule: str, window: int, ns_steps: int = 5):

@@ -10,60 +10,26 @@ the banded b x (b+c-1) Omega window matrix of the gates g. Reading W_t u then ne
 W_s, S_s and a masked b x (b+c-1) kernel (the polynomial kernel on unlifted q, k for the first
 layer), so per-token weights are never formed. The `muon` rule orthogonalises every token's
 momentum, which is non-linear; there S_t and W_t are materialised per token (same coefficients).
-Products of gates are built from log-space segment sums (no subtraction of running sums), in the
-compute dtype, which is at least fp32.
+The gate coefficients are in chunk_gates.py. The `gd` rule of linear and mlp memories runs as one
+autograd Function over all chunks (gd_chunked.py); this module's chunk loop, differentiated by
+autograd, covers the rest (gated_mlp with `gd`, and `muon`).
 """
 from __future__ import annotations
 
-from typing import Dict, NamedTuple, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
 from kernels.newton_schulz import newton_schulz_auto  # Triton kernel on CUDA, PyTorch elsewhere
 
+from .chunk_gates import ChunkCoefficients, chunk_coefficients  # noqa: F401 (triton_chunked imports them)
 from .features import poly_features, poly_kernel
+from .gd_chunked import KINDS as GD_KINDS, gd_chunked
 from .inputs import finish, prepare
 from .memory_function import gradient_factors, memory_apply
 from .types import FIRST_LAYER, Gates, MemoryConfig, MemoryState
 
 Factors = Dict[str, Tuple[torch.Tensor, torch.Tensor]]
-
-
-def segment_products(log_x: torch.Tensor) -> torch.Tensor:
-    """[..., L] -> [..., L, L] with out[t, m] = prod_{m < r <= t} x_r for t >= m, else 0."""
-    length = log_x.shape[-1]
-    strict = torch.ones(length, length, dtype=torch.bool, device=log_x.device).tril(-1)
-    sums = log_x.unsqueeze(-1).expand(*log_x.shape, length).masked_fill(~strict, 0.0).cumsum(dim=-2)
-    return sums.exp().masked_fill(~strict.logical_or(torch.eye(length, dtype=torch.bool,
-                                                                device=log_x.device)), 0.0)
-
-
-class ChunkCoefficients(NamedTuple):
-    retain: torch.Tensor            # A_t = prod_{r<=t} alpha_r            [B, H, L]
-    retain_pairs: torch.Tensor      # L_A                                  [B, H, L, L]
-    momentum_carry: Optional[torch.Tensor]  # P_t = prod_{r<=t} theta_r   [B, H, L] (None: no momentum)
-    momentum_pairs: torch.Tensor    # L_P (identity without momentum)      [B, H, L, L]
-    window: torch.Tensor            # Gamma                                [B, H, L, L+c-1]
-
-
-def chunk_coefficients(alpha: torch.Tensor, theta: Optional[torch.Tensor], g_window: torch.Tensor,
-                       window: int) -> ChunkCoefficients:
-    """Gate algebra of one chunk: alpha, theta [B, H, L]; g_window [B, H, L+c-1] (window coordinates)."""
-    length = alpha.shape[-1]
-    log_alpha = alpha.log()
-    if theta is None:
-        carry = None
-        pairs = torch.eye(length, dtype=alpha.dtype, device=alpha.device).expand(*alpha.shape, length)
-    else:
-        log_theta = theta.log()
-        carry = log_theta.cumsum(-1).exp()
-        pairs = segment_products(log_theta)
-    # Gamma[t, j] = g_j for the window tokens j = t .. t+c-1 (window coordinates) of token t
-    rows = torch.arange(length, device=alpha.device)[:, None]
-    cols = torch.arange(length + window - 1, device=alpha.device)[None, :]
-    band = (cols >= rows) & (cols < rows + window)
-    return ChunkCoefficients(log_alpha.cumsum(-1).exp(), segment_products(log_alpha), carry, pairs,
-                             band.to(g_window.dtype) * g_window.unsqueeze(-2))
 
 
 def _plus_outer_sum(base: Optional[torch.Tensor], coefficient: torch.Tensor,
@@ -140,6 +106,8 @@ def memory_forward_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ga
                            state: Optional[MemoryState] = None
                            ) -> Tuple[torch.Tensor, MemoryState]:
     prep = prepare(q, k, v, gates, params, cfg, state)
+    if cfg.rule == "gd" and cfg.kind in GD_KINDS and prep.length > 0:   # one autograd Function
+        return finish(prep, *gd_chunked(prep, cfg), cfg)
     weights, momentum = prep.state.weights, prep.state.momentum
     c, size = cfg.window, cfg.chunk
     # Chunks come from split() (one backward concat), never from slicing per chunk, whose backward

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from megatron_atlas.model.causal_conv import causal_depthwise_conv
 from megatron_atlas.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron_atlas.parallel.sharding import divide, mark_tensor_parallel, tp_size_of
 from megatron_atlas.parallel.state import ParallelState
@@ -70,6 +71,8 @@ class ShortConv(nn.Module):
         """x [B, T, C] -> y [B, T, C] and the new cache [B, width-1, C]."""
         if cache is None:
             cache = x.new_zeros(x.shape[0], self.width - 1, x.shape[2])
-        padded = torch.cat([cache, x], dim=1)
-        y = F.conv1d(padded.transpose(1, 2), self.weight.to(x.dtype), groups=x.shape[2]).transpose(1, 2)
-        return y, padded[:, padded.shape[1] - (self.width - 1):]
+        taps = self.weight[:, 0].t().to(x.dtype).contiguous()
+        y = causal_depthwise_conv(x, cache, taps)
+        keep = self.width - 1
+        new_cache = x[:, x.shape[1] - keep:] if x.shape[1] >= keep else torch.cat([cache, x], dim=1)[:, -keep:]
+        return y, new_cache
