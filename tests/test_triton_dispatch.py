@@ -61,6 +61,16 @@ def test_mlp_value_width_decides_coverage(compiled_device):
     assert resolve_impl("auto", _q(), COVERED, d_v=96) == "triton"
 
 
+def test_mlp_mixed_precision_limit_at_chunk_64(compiled_device):
+    """16-bit inputs with fp32 degree-2 features at b = 64 stop at D, d_v <= 32 (shared memory)."""
+    cfg = MemoryConfig("mlp", "gd", "l2", window=1, chunk=64, degree=2)
+    assert resolve_impl("auto", _q(d_k=6), cfg, d_v=6) == "triton"            # D = 28
+    assert resolve_impl("auto", _q(d_k=8), cfg, d_v=8) == "chunked"           # D = 45
+    assert resolve_impl("auto", _q(d_k=8, dtype=torch.float32), cfg, d_v=8) == "triton"
+    with pytest.raises(ValueError, match="chunk=64 and torch.bfloat16"):
+        resolve_impl("triton", _q(d_k=8), cfg, d_v=8)
+
+
 def test_mlp_lifted_width_decides_coverage(compiled_device):
     """Degree 2 on d_k = 10 lifts to D = 66: the linear kernels cover it, the MLP kernels do not."""
     lifted = dict(window=1, chunk=16, degree=2)

@@ -59,7 +59,7 @@ def unsupported_reason(cfg: MemoryConfig, q: torch.Tensor, d_v: Optional[int] = 
         return (f"feature width D={width} (d_k={q.shape[-1]}, degree={cfg.degree}); "
                 f"Triton keeps the state in registers and covers D <= {MAX_FEATURE_BLOCK}")
     if cfg.kind == "mlp":
-        return mlp_unsupported_reason(cfg, width, d_v)
+        return mlp_unsupported_reason(cfg, width, d_v, q.dtype)
     return None
 
 
