@@ -13,12 +13,17 @@ import torch
 
 
 def segment_products(log_x: torch.Tensor) -> torch.Tensor:
-    """[..., L] -> [..., L, L] with out[t, m] = prod_{m < r <= t} x_r for t >= m, else 0."""
+    """[..., L] -> [..., L, L] with out[t, m] = prod_{m < r <= t} x_r for t >= m, else 0.
+
+    Built transposed, out^T[m, t], so that the running sum over t runs along contiguous memory
+    (several times faster than along rows); the result is a transposed view.
+    """
     length = log_x.shape[-1]
-    strict = torch.ones(length, length, dtype=torch.bool, device=log_x.device).tril(-1)
-    sums = log_x.unsqueeze(-1).expand(*log_x.shape, length).masked_fill(~strict, 0.0).cumsum(dim=-2)
-    return sums.exp().masked_fill(~strict.logical_or(torch.eye(length, dtype=torch.bool,
-                                                                device=log_x.device)), 0.0)
+    later = torch.ones(length, length, dtype=torch.bool, device=log_x.device).triu(1)   # t > m
+    sums = log_x.unsqueeze(-2).expand(*log_x.shape[:-1], length, length).masked_fill(~later, 0.0)
+    sums = sums.cumsum(dim=-1)
+    return sums.exp().masked_fill(~later.logical_or(torch.eye(length, dtype=torch.bool,
+                                                             device=log_x.device)), 0.0).mT
 
 
 class ChunkCoefficients(NamedTuple):

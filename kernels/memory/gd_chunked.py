@@ -66,7 +66,11 @@ def gd_chunked(prep: Prepared, cfg: MemoryConfig
     # everything below is [NC, B*H, ...]
     theta = chunks(prep.theta, 1.0) if momentum else None
     coef = chunk_coefficients(chunks(prep.alpha, 1.0), theta, chunks(prep.g_win, 0.0, window), window)
-    momentum_rows = (coef.momentum_pairs * chunks(prep.eta, 0.0).unsqueeze(-2)) @ coef.window
+    eta = chunks(prep.eta, 0.0)
+    if window == 1:   # Gamma = diag(g): its product is a column scaling
+        momentum_rows = coef.momentum_pairs * (eta * chunks(prep.g_win, 0.0)).unsqueeze(-2)
+    else:
+        momentum_rows = (coef.momentum_pairs * eta.unsqueeze(-2)) @ coef.window
     mixing = coef.retain_pairs @ momentum_rows                 # S_t's and W_t's mixing
     retain_end = _end_rows(coef.retain, last)
     if momentum:
