@@ -12,24 +12,16 @@ from __future__ import annotations
 from typing import Dict, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from .chunk_gates import chunk_coefficients
 from .features import poly_features, poly_kernel
 from .gd_recurrence import GdRecurrence, GdSpec
-from .inputs import Prepared
+from .inputs import Prepared, pad_tokens
 from .types import MemoryConfig
 
 KINDS = ("linear", "mlp")
 # (first layer, hidden layer) weight names; the first layer reads the features directly
 LAYERS = {"linear": ("W", None), "mlp": ("W2", "W1")}
-
-
-def _pad(x: torch.Tensor, count: int, value: float) -> torch.Tensor:
-    """Appends `count` tokens along dim 2 of [B, H, T] or [B, H, T, F]."""
-    if count == 0:   # F.pad would still copy
-        return x
-    return F.pad(x, (0, count) if x.dim() == 3 else (0, 0, 0, count), value=value)
 
 
 def _loop_layout(x: torch.Tensor, size: int, window: int = 1) -> torch.Tensor:
@@ -61,7 +53,7 @@ def gd_chunked(prep: Prepared, cfg: MemoryConfig
     momentum = prep.theta is not None
 
     def chunks(x: torch.Tensor, value: float, window: int = 1) -> torch.Tensor:
-        return _loop_layout(_pad(x, pad, value), size, window)
+        return _loop_layout(pad_tokens(x, pad, value), size, window)
 
     # everything below is [NC, B*H, ...]
     theta = chunks(prep.theta, 1.0) if momentum else None

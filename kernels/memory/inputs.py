@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import Dict, Optional
 
 import torch
+import torch.nn.functional as F
 
 from .types import Gates, MemoryConfig, MemoryState, initial_state
 
@@ -87,3 +88,11 @@ def finish(prep: Prepared, y: torch.Tensor, weights: Dict[str, torch.Tensor],
         window_g=prep.g_win[:, :, keep:].transpose(1, 2),
     )
     return y.transpose(1, 2).to(prep.out_dtype), state
+
+
+def pad_tokens(x: torch.Tensor, count: int, value: float) -> torch.Tensor:
+    """Appends `count` tokens along dim 2 of a head-major tensor [B, H, T(, F)]."""
+    if count == 0:   # F.pad would still copy
+        return x
+    pad = (0, 0, 0, count) if x.dim() == 4 else (0, count)
+    return F.pad(x, pad, value=value)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from kernels.triton_support import TRITON_DTYPES
 
 from .chunked import chunk_coefficients
+from .inputs import pad_tokens  # noqa: F401 (re-exported for the Triton launchers)
 
 CHUNKS = (16, 32, 64)
 INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -44,14 +45,6 @@ def dtype_label(dtype: torch.dtype) -> str:
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def pad_tokens(x: torch.Tensor, count: int, value: float) -> torch.Tensor:
-    """Appends `count` tokens along dim 2 of a head-major tensor [B, H, T(, F)]."""
-    if count == 0:
-        return x
-    pad = (0, 0, 0, count) if x.dim() == 4 else (0, count)
-    return F.pad(x, pad, value=value)
 
 
 class GdCoefficients(NamedTuple):
