@@ -499,12 +499,24 @@ def bench_triton(args: argparse.Namespace, device: torch.device) -> Dict[str, ob
 # ----------------------------------------------------------------------------- driver
 
 
+MALLOC_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "LD_PRELOAD")
+
+
+def malloc_settings() -> str:
+    """The allocator settings of this process, as set in its environment ("default" if none)."""
+    settings = [f"{name}={os.environ[name]}" for name in MALLOC_VARIABLES if name in os.environ]
+    return " ".join(settings) or "default"
+
+
 def environment(device: torch.device) -> Dict[str, object]:
     env: Dict[str, object] = {"torch": torch.__version__, "python": platform.python_version(),
                               "threads": torch.get_num_threads(), "device": str(device),
                               "platform": platform.platform(),
                               # other processes distort CPU timings; this shows how busy it was
-                              "loadavg_1m": round(os.getloadavg()[0], 2), "cpus": os.cpu_count()}
+                              "loadavg_1m": round(os.getloadavg()[0], 2), "cpus": os.cpu_count(),
+                              # glibc returns large freed blocks to the OS unless told otherwise, and
+                              # re-faulting them dominates titans-pytorch's CPU time (README)
+                              "malloc": malloc_settings()}
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
     return env
