@@ -20,9 +20,9 @@ import torch
 from kernels.triton_support import HAS_TRITON, IEEE, TF32, LaunchConfig, device_reason, next_pow2
 
 from .features import feature_dim, poly_features
-from .inputs import Prepared, finish, prepare
+from .inputs import Prepared, finish, pad_tokens, prepare
 from .triton_common import (CHUNKS, INPUT_DTYPES, GdCoefficients, cdiv, dtype_label, feature_dtype,
-                            fold_windows, gd_coefficients, kernel_signature, pad_tokens)
+                            fold_windows, gd_coefficients, kernel_signature)
 from .triton_mlp import MlpGd, mlp_meta, mlp_unsupported_reason
 from .types import Gates, MemoryConfig, MemoryState
 

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from kernels.triton_support import TRITON_DTYPES
 
 from .chunked import chunk_coefficients
-from .inputs import pad_tokens  # noqa: F401 (re-exported for the Triton launchers)
 
 CHUNKS = (16, 32, 64)
 INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
