@@ -106,3 +106,30 @@ def test_fit_group_names_what_it_cannot_fit():
              "status": "partial", "final_loss": 3.0}]
     with pytest.raises(ValueError, match="at least 2 finished runs"):
         fit_group(rows, bootstrap=0)
+
+
+def test_degenerate_runs_whose_fit_drives_a_coefficient_to_zero_still_bootstrap_and_plot(tmp_path):
+    # the four runs of tests/test_sweep_cli.py's mini sweep: with scipy 1.17 the direct fit drives
+    # log A to about -745, exp() gives A = 0.0, and the bootstrap's restart took log(0)
+    runs = [(4144, 1088, 5.4302825927734375, 6e7, 55296.0), (20640, 320, 5.530635356903076, 6e7, 196608.0),
+            (4144, 2176, 4.954333782196045, 1.2e8, 55296.0), (20640, 640, 5.473743438720703, 1.2e8, 196608.0)]
+    rows = [{"preset": "t", "params_non_embedding": n, "tokens": d, "final_loss": loss, "budget": c,
+             "flops_per_token": f, "flops": d * f, "status": "done"} for n, d, loss, c, f in runs]
+    fit = fit_group(rows, bootstrap=10)
+    assert fit["n_runs"] == 4 and fit["bootstrap"]["samples"] == 10
+    assert any("not determined" in w for w in fit["warnings"])
+    assert [o["budget"] for o in fit["direct"]["optimal"]] == [6e7, 1.2e8]
+    from megatron_atlas.sweep.fit import report
+    assert "direct fit: L =" in report({"by": "preset", "groups": {"t": fit}})
+    from megatron_atlas.sweep.plot import plot_all
+    for path in plot_all(rows, {"by": "preset", "groups": {"t": fit}}, tmp_path):
+        assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_law_start_of_a_law_with_a_zero_coefficient_is_finite():
+    from megatron_atlas.sweep.fit import law_start
+    start = law_start(Law(E=1.0, A=0.0, B=2.0, alpha=0.3, beta=0.2))
+    assert all(math.isfinite(v) for v in start) and start[0] < -100 and start[1] == pytest.approx(math.log(2.0))
+    fitted = fit_law([1e6, 1e7, 1e8, 1e9] * 2, [1e9] * 4 + [1e10] * 4,
+                     [2.0 + 3000 / d ** 0.4 for d in [1e9] * 4 + [1e10] * 4])
+    assert law_start(fitted)[:3] == pytest.approx(list(fitted.log_coefficients))

@@ -44,6 +44,9 @@ class Law:
     alpha: float
     beta: float
     objective: float = math.nan
+    # (a, b, e) = (log A, log B, log E) as fitted: A = e^a underflows to 0 when a degenerate fit drives
+    # a term out (a << 0), and the bootstrap restarts from these, not from log(A)
+    log_coefficients: Optional[tuple[float, float, float]] = None
 
     def __call__(self, N: Any, D: Any) -> Any:
         return self.E + self.A / np.power(N, self.alpha) + self.B / np.power(D, self.beta)
@@ -104,11 +107,17 @@ def fit_law(N: Sequence[float], D: Sequence[float], L: Sequence[float], delta: f
         if best is None or res.fun < best.fun:
             best = res
     a, b, e, alpha, beta = best.x
-    return Law(math.exp(e), math.exp(a), math.exp(b), float(alpha), float(beta), float(best.fun * delta))
+    return Law(math.exp(e), math.exp(a), math.exp(b), float(alpha), float(beta), float(best.fun * delta),
+               (float(a), float(b), float(e)))
 
 
 def law_start(law: Law) -> list[float]:
-    return [math.log(law.A), math.log(law.B), math.log(law.E), law.alpha, law.beta]
+    """The law as an L-BFGS start in (a, b, e, alpha, beta); a zero coefficient starts far below 1."""
+    if law.log_coefficients is not None:
+        a, b, e = law.log_coefficients
+    else:
+        a, b, e = (math.log(v) if v > 0 else -700.0 for v in (law.A, law.B, law.E))
+    return [a, b, e, law.alpha, law.beta]
 
 
 def fit_flops_model(N: Sequence[float], flops_per_token: Sequence[float]) -> FlopsModel:
@@ -244,6 +253,9 @@ def fit_group(rows: Sequence[dict[str, Any]], loss: str = "final_loss", params: 
             entry["N_interval"] = _interval([s[j] for s in n_samples], level)
             entry["D_interval"] = _interval([s[j] for s in d_samples], level)
         optimal.append(entry)
+    if law.A == 0.0 or law.B == 0.0 or law.alpha in (0.0, 10.0) or law.beta in (0.0, 10.0):
+        warn.append("the direct fit is degenerate (a coefficient fitted to 0 or an exponent at its bound): "
+                    "its N_opt and D_opt are meaningless")
     if any(not m["in_range"] for m in iso["minima"]):
         warn.append("some IsoFLOP vertices lie outside the sizes run at that budget (extrapolated)")
     return {

@@ -31,6 +31,21 @@ def _law(group: dict[str, Any]) -> tuple[Law, FlopsModel]:
     return Law(d["E"], d["A"], d["B"], d["alpha"], d["beta"]), FlopsModel(f["k"], f["gamma"])
 
 
+def _drawable(x: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The points of a curve that a log-log axis can show: a degenerate fit (a coefficient fitted to
+    zero) gives N_opt = 0 and D_opt = inf, which matplotlib refuses to log-scale."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    keep = np.isfinite(x) & np.isfinite(y) & (x > 0) & (y > 0)
+    return x[keep], y[keep]
+
+
+def _has_positive_data(ax: Any) -> bool:
+    """Whether a log axis would have anything to show (lines or markers with positive, finite y)."""
+    ys = [np.asarray(line.get_ydata(), float) for line in ax.get_lines()]
+    ys += [np.asarray(c.get_offsets(), float).reshape(-1, 2)[:, 1] for c in ax.collections]
+    return any(bool(np.any(np.isfinite(y) & (y > 0))) for y in ys)
+
+
 def _groups(rows: Sequence[dict[str, Any]], by: str) -> dict[str, list[dict[str, Any]]]:
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
@@ -70,7 +85,7 @@ def plot_isoflop(rows: Sequence[dict[str, Any]], fit: dict[str, Any], path: Path
                 ax.plot(xs, c2 * x * x + c1 * x + c0, color=colour[C], ls=LINESTYLES[gi % len(LINESTYLES)], lw=1.2)
                 ax.scatter([vertices[C]["N"]], [vertices[C]["loss"]], color=colour[C], marker="*", s=180,
                            edgecolor="k", zorder=4)
-            ax.plot(xs, law(xs, C / flops(xs)), color=colour[C], ls=":", lw=0.8, alpha=0.7)
+            ax.plot(*_drawable(xs, law(xs, C / flops(xs))), color=colour[C], ls=":", lw=0.8, alpha=0.7)
     ax.set_xscale("log")
     ax.set_xlabel(f"N ({params.replace('_', ' ')})")
     ax.set_ylabel(f"validation loss ({loss})")
@@ -97,7 +112,7 @@ def plot_frontier(rows: Sequence[dict[str, Any]], fit: dict[str, Any], path: Pat
         law, fm = _law(g)
         cs = np.logspace(np.log10(flops.min()) - 0.3, np.log10(flops.max()) + 0.5, 100)
         n_opt, d_opt = optimal_allocation(law, fm, cs)
-        ax.plot(cs, law(n_opt, d_opt), color=colour, ls="--", label=f"{name} fit at (N_opt, D_opt)")
+        ax.plot(*_drawable(cs, law(n_opt, d_opt)), color=colour, ls="--", label=f"{name} fit at (N_opt, D_opt)")
     ax.set_xscale("log")
     ax.set_xlabel("training FLOPs (per-architecture count)")
     ax.set_ylabel("validation loss")
@@ -120,12 +135,17 @@ def plot_optimal(fit: dict[str, Any], path: Path) -> Path:
         iso = g["isoflop"]
         for ax, key, curve, exponent, iso_exp in ((axes[0], "N", curves[0], g["direct"]["a"], iso["a"]),
                                                   (axes[1], "D", curves[1], g["direct"]["b"], iso["b"])):
-            ax.plot(cs, curve, color=colour, ls="--", label=f"{name} direct fit ~ C^{exponent:.2f}")
+            ax.plot(*_drawable(cs, curve), color=colour, ls="--", label=f"{name} direct fit ~ C^{exponent:.2f}")
             mid = np.array([o[key] for o in optimal])
             lo_hi = [o.get(f"{key}_interval") for o in optimal]
-            err = (np.abs(np.array(lo_hi, float).T - mid) if all(iv and np.all(np.isfinite(iv)) for iv in lo_hi)
-                   else None)   # bootstrap interval from fit.json, when there is one
-            ax.errorbar(budgets, mid, yerr=err, color=colour, fmt="x", capsize=3, alpha=0.8)
+            shown = np.isfinite(mid) & (mid > 0)
+            if shown.all():
+                err = (np.abs(np.array(lo_hi, float).T - mid) if all(iv and np.all(np.isfinite(iv)) and min(iv) > 0
+                                                                     for iv in lo_hi)
+                       else None)   # bootstrap interval from fit.json, when there is one
+                ax.errorbar(budgets, mid, yerr=err, color=colour, fmt="x", capsize=3, alpha=0.8)
+            elif shown.any():
+                ax.scatter(budgets[shown], mid[shown], color=colour, marker="x", alpha=0.8)
             if iso["minima"]:
                 cb = np.array([m["budget"] for m in iso["minima"]])
                 ax.scatter(cb, [m[key] for m in iso["minima"]], color=colour, marker=MARKERS[gi % len(MARKERS)],
@@ -134,8 +154,11 @@ def plot_optimal(fit: dict[str, Any], path: Path) -> Path:
                 if coeff and np.isfinite(iso_exp):
                     ax.plot(cs, coeff * cs ** iso_exp, color=colour, ls="-", lw=1,
                             label=f"{name} parabolas ~ C^{iso_exp:.2f}")
-            ax.set_xscale("log")
-            ax.set_yscale("log")
+            if _has_positive_data(ax):
+                ax.set_xscale("log")
+                ax.set_yscale("log")
+            else:   # a degenerate direct fit and no vertices: say so rather than fail on an empty log axis
+                ax.text(0.5, 0.5, "nothing positive and finite to draw", ha="center", transform=ax.transAxes)
             ax.set_xlabel("training FLOPs C")
             ax.set_ylabel(f"compute-optimal {key} ({'parameters' if key == 'N' else 'tokens'})")
             ax.grid(alpha=0.3, which="both")
