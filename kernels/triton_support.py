@@ -115,3 +115,46 @@ def compile_ahead(config: LaunchConfig, capability: int):
 def compiled_stats(compiled) -> CompiledStats:
     usage = _resource_usage(compiled.asm["cubin"]) if "cubin" in compiled.asm else {}
     return CompiledStats(usage.get("REG"), usage.get("STACK"), compiled.metadata.shared)
+
+
+# Opt-in shared memory per block by compute capability (CUDA programming guide, "Technical
+# Specifications"), for when torch does not report it. sm_86 / sm_89 (A10, A40, L4, L40S, RTX 30xx
+# and 40xx) allow far less than an A100 or H100.
+SHARED_MEMORY_PER_BLOCK = {70: 96 * 1024, 75: 64 * 1024, 80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024,
+                           89: 99 * 1024, 90: 227 * 1024, 100: 227 * 1024, 120: 99 * 1024}
+
+
+@dataclass(frozen=True)
+class DeviceLimits:
+    capability: int      # e.g. 86 for sm_86
+    shared_bytes: int    # dynamic shared memory one block may opt into
+
+
+def device_limits(device) -> DeviceLimits:
+    """The limits of the CUDA device a kernel would launch on."""
+    import torch
+    props = torch.cuda.get_device_properties(device)
+    capability = props.major * 10 + props.minor
+    shared = getattr(props, "shared_memory_per_block_optin", 0) or SHARED_MEMORY_PER_BLOCK.get(capability, 48 * 1024)
+    return DeviceLimits(capability, int(shared))
+
+
+_shared_needed: Dict[tuple, int] = {}
+
+
+def shared_bytes_needed(config: LaunchConfig, capability: int) -> int:
+    """Shared memory one block of `config` takes on sm_<capability>, compiled ahead of time once."""
+    key = (config.name, capability)
+    if key not in _shared_needed:
+        _shared_needed[key] = compile_ahead(config, capability).metadata.shared
+    return _shared_needed[key]
+
+
+def shared_memory_reason(configs, limits: DeviceLimits) -> Optional[str]:
+    """None when every variant in `configs` fits the device's shared memory, else the first that does not."""
+    for config in configs:
+        needed = shared_bytes_needed(config, limits.capability)
+        if needed > limits.shared_bytes:
+            return (f"shared memory: {config.name} needs {needed / 1024:.0f} KiB per block, "
+                    f"sm_{limits.capability} allows {limits.shared_bytes / 1024:.0f} KiB")
+    return None

@@ -14,12 +14,14 @@ import pytest
 import torch
 
 from kernels.memory import MemoryConfig
-from kernels.memory.triton_chunked import all_linear_metas, linear_launch_configs, linear_meta
-from kernels.memory.triton_mlp import all_mlp_metas, mlp_launch_configs, mlp_meta
+from kernels.memory.triton.linear import all_linear_metas, linear_launch_configs, linear_meta
+from kernels.memory.triton.mlp import all_mlp_metas, mlp_launch_configs, mlp_meta
 from kernels.newton_schulz.triton_ns import all_launch_configs, launch_config
-from kernels.triton_support import compile_ahead, compiled_stats, interpreted
+from kernels.triton_support import (SHARED_MEMORY_PER_BLOCK, DeviceLimits, compile_ahead, compiled_stats,
+                                    interpreted, shared_memory_reason)
 
 TARGETS = (80, 90)
+SMALL_SHARED_TARGETS = (86, 89)   # A10 / A40 / L4 / L40S / RTX: 99 KiB per block
 
 
 def _representative():
@@ -43,14 +45,32 @@ def _check_compiles(config, capability: int) -> None:
     assert compiled.asm.get("cubin"), f"{config.name}: no cubin for sm_{capability}"
     assert f".target sm_{capability}" in compiled.asm["ptx"]
     stats = compiled_stats(compiled)
-    # a block that does not fit in an H100's / A100's shared memory could never launch
-    assert stats.shared_bytes <= (227 if capability == 90 else 163) * 1024, (config.name, stats)
+    # a block that does not fit in the target's shared memory could never launch there
+    assert stats.shared_bytes <= SHARED_MEMORY_PER_BLOCK[capability], (config.name, stats)
+    return stats
 
 
 @pytest.mark.parametrize("capability", TARGETS)
 @pytest.mark.parametrize("config", _representative(), ids=lambda c: c.name.replace(" ", "_"))
 def test_kernel_compiles(config, capability):
     _check_compiles(config, capability)
+
+
+@pytest.mark.parametrize("capability", SMALL_SHARED_TARGETS)
+def test_small_shared_memory_gpus_get_only_variants_that_fit(capability):
+    """On sm_86 / sm_89 the coverage rule (with the device's 99 KiB) admits a variant only if it
+    compiles for that target within the budget; the MLP kernels' largest one is refused there."""
+    limits = DeviceLimits(capability, SHARED_MEMORY_PER_BLOCK[capability])
+    admitted = refused = 0
+    for config in _representative():
+        reason = shared_memory_reason([config], limits)
+        if reason is None:
+            _check_compiles(config, capability)
+            admitted += 1
+        else:
+            assert "mlp_gd_bwd" in reason and f"sm_{capability} allows 99 KiB" in reason, reason
+            refused += 1
+    assert admitted >= 6 and refused >= 1, (admitted, refused)
 
 
 def _every_launch_configuration():

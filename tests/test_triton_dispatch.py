@@ -8,9 +8,10 @@ import torch
 
 from kernels.memory import MemoryConfig, memory_forward, resolve_impl
 from kernels.memory import dispatch
-from kernels.memory import triton_chunked
+from kernels.memory import triton as triton_entry
 from kernels.newton_schulz import dispatch as ns_dispatch
 from kernels.newton_schulz import newton_schulz, newton_schulz_auto
+from kernels.triton_support import SHARED_MEMORY_PER_BLOCK, DeviceLimits
 from tests.memory_cases import make_inputs
 
 COVERED = MemoryConfig("linear", "gd", "l2", window=3, chunk=32, degree=1)
@@ -41,8 +42,27 @@ def _q(d_k: int = 16, dtype=torch.bfloat16) -> torch.Tensor:
 
 @pytest.fixture
 def compiled_device(monkeypatch):
-    """Pretend the kernels can run on the (fake) CUDA tensor: only the device rule is replaced."""
-    monkeypatch.setattr(triton_chunked, "device_reason", lambda kernel, tensor: None)
+    """Pretend the kernels can run on the (fake) CUDA tensor: the device rule is replaced, and the
+    device's shared memory is taken to fit (test_shared_memory_of_the_device_decides checks it)."""
+    monkeypatch.setattr(triton_entry, "device_reason", lambda kernel, tensor: None)
+    monkeypatch.setattr(triton_entry, "device_fit_reason", lambda cfg, q, width, d_v: None)
+
+
+@pytest.mark.parametrize("capability,covered", [(90, True), (86, False)])
+def test_shared_memory_of_the_device_decides(monkeypatch, capability, covered):
+    """The MLP backward at b = 64, D = d_v = 64 needs about 150 KiB of shared memory: it fits an A100
+    or H100, not an sm_86 / sm_89 GPU (99 KiB), where auto falls back instead of failing at launch."""
+    monkeypatch.setattr(triton_entry, "device_reason", lambda kernel, tensor: None)
+    limits = DeviceLimits(capability, SHARED_MEMORY_PER_BLOCK[capability])
+    monkeypatch.setattr(triton_entry, "device_limits", lambda device: limits)
+    cfg = MemoryConfig("mlp", "gd", "l2", window=1, chunk=64, degree=1)
+    q = _q(d_k=64, dtype=torch.float32)
+    assert resolve_impl("auto", q, cfg, d_v=64) == ("triton" if covered else "chunked")
+    if not covered:
+        with pytest.raises(ValueError, match=f"shared memory: mlp_gd_bwd .* sm_{capability} allows 99 KiB"):
+            resolve_impl("triton", q, cfg, d_v=64)
+    if not covered:   # a small MLP memory fits even the smallest budget
+        assert resolve_impl("auto", _q(d_k=16), MemoryConfig("mlp", "gd", "l2", chunk=16), d_v=16) == "triton"
 
 
 def test_auto_picks_triton_on_cuda_for_covered_options(compiled_device):

@@ -406,8 +406,8 @@ def memory_op_inputs(length: int, device: torch.device, kind: str = "linear", he
 def kernel_resources(which: str) -> List[Dict[str, object]]:
     """Registers, spill stack and shared memory of the Triton kernels, compiled for sm_80, sm_90."""
     from kernels.memory import MemoryConfig
-    from kernels.memory.triton_chunked import all_linear_metas, linear_launch_configs, linear_meta
-    from kernels.memory.triton_mlp import all_mlp_metas, mlp_launch_configs, mlp_meta
+    from kernels.memory.triton.linear import all_linear_metas, linear_launch_configs, linear_meta
+    from kernels.memory.triton.mlp import all_mlp_metas, mlp_launch_configs, mlp_meta
     from kernels.newton_schulz.triton_ns import all_launch_configs, launch_config
     from kernels.triton_support import compile_ahead, compiled_stats
     if which == "all":

@@ -33,6 +33,15 @@ def _monomials(d: int, degree: int) -> Tuple[torch.Tensor, torch.Tensor]:
             torch.tensor(weight, dtype=torch.float64, device="cpu"))
 
 
+@lru_cache(maxsize=64)
+def _monomials_on(d: int, degree: int, device: torch.device, dtype: torch.dtype
+                  ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """_monomials on `device`, made once: a per-call copy of the index to a GPU is a blocking
+    host-to-device transfer (once per chunk on the muon path)."""
+    index, weight = _monomials(d, degree)
+    return index.to(device), weight.to(device, dtype)
+
+
 def poly_features(x: torch.Tensor, a: torch.Tensor, degree: int) -> torch.Tensor:
     """phi(x) for x [..., d]; `a` [degree + 1] holds the non-negative coefficients."""
     if degree == 1:
@@ -43,8 +52,8 @@ def poly_features(x: torch.Tensor, a: torch.Tensor, degree: int) -> torch.Tensor
         if i == 1:
             monomial = x
         else:
-            index, weight = _monomials(d, i)
-            monomial = x[..., index.to(x.device)].prod(dim=-1) * weight.to(x.device, x.dtype)
+            index, weight = _monomials_on(d, i, x.device, x.dtype)
+            monomial = x[..., index].prod(dim=-1) * weight
         parts.append(a[i].sqrt().to(x.dtype) * monomial)
     return torch.cat(parts, dim=-1)
 

@@ -7,6 +7,8 @@ from typing import Dict, Optional
 import torch
 import torch.nn.functional as F
 
+from kernels.precision import flush_gradient
+
 from .types import Gates, MemoryConfig, MemoryState, initial_state
 
 
@@ -47,7 +49,8 @@ def _check_shapes(q, k, v, gates: Gates, params: Dict[str, torch.Tensor], cfg: M
 
 
 def _head_major(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return x.to(dtype).transpose(1, 2)
+    """[B, T, H, ...] -> [B, H, T, ...] in `dtype`; its gradient leaves the operator flushed."""
+    return flush_gradient(x.to(dtype)).transpose(1, 2)
 
 
 def prepare(q, k, v, gates: Gates, params: Dict[str, torch.Tensor], cfg: MemoryConfig,
@@ -67,10 +70,10 @@ def prepare(q, k, v, gates: Gates, params: Dict[str, torch.Tensor], cfg: MemoryC
         alpha=_head_major(gates.alpha, dtype),
         eta=_head_major(gates.eta, dtype),
         theta=None if gates.theta is None else _head_major(gates.theta, dtype),
-        a=params["a"].to(dtype) if cfg.degree > 1 else None,
+        a=flush_gradient(params["a"].to(dtype)) if cfg.degree > 1 else None,
         residual=d_k == d_v,
-        state=MemoryState({n: w.to(dtype) for n, w in state.weights.items()},
-                          {n: s.to(dtype) for n, s in state.momentum.items()},
+        state=MemoryState({n: flush_gradient(w.to(dtype)) for n, w in state.weights.items()},
+                          {n: flush_gradient(s.to(dtype)) for n, s in state.momentum.items()},
                           state.window_k, state.window_v, state.window_g),
         out_dtype=v.dtype,
     )
@@ -96,3 +99,10 @@ def pad_tokens(x: torch.Tensor, count: int, value: float) -> torch.Tensor:
         return x
     pad = (0, 0, 0, count) if x.dim() == 4 else (0, count)
     return F.pad(x, pad, value=value)
+
+
+def split_chunks(x: torch.Tensor, size: int, window: int = 1) -> torch.Tensor:
+    """[B, H, c-1 + NC*size(, F)] -> [B, H, NC, size + c-1(, F)], a view: chunk n with the c-1
+    tokens before it (window 1: plain chunks)."""
+    out = x.unfold(2, size + window - 1, size)
+    return out if x.dim() == 3 else out.transpose(-1, -2)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from kernels.precision import autocast_off
+
 # Muon's quintic coefficients (Jordan et al., 2024).
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 _NORM_FLOOR = 1e-7
@@ -21,10 +23,11 @@ def newton_schulz(matrix: torch.Tensor, steps: int) -> torch.Tensor:
     tall = x.shape[-2] > x.shape[-1]
     if tall:  # iterate on the wide orientation so X X^T is the smaller Gram matrix
         x = x.mT
-    x = x / torch.linalg.matrix_norm(x, keepdim=True).clamp_min(_NORM_FLOOR)
-    for _ in range(steps):
-        gram = x @ x.mT
-        x = a * x + (b * gram + c * gram @ gram) @ x
+    with autocast_off(x.device):   # "at least fp32" holds under a caller's autocast too
+        x = x / torch.linalg.matrix_norm(x, keepdim=True).clamp_min(_NORM_FLOOR)
+        for _ in range(steps):
+            gram = x @ x.mT
+            x = a * x + (b * gram + c * gram @ gram) @ x
     if tall:
         x = x.mT
     return x.to(matrix.dtype)

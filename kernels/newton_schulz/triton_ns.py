@@ -10,6 +10,7 @@ from typing import Optional
 
 import torch
 
+from kernels.precision import backward_without_autocast
 from kernels.triton_support import HAS_TRITON, LaunchConfig, device_reason, next_pow2, tl, triton
 
 from .reference import _NORM_FLOOR, NS_COEFFICIENTS
@@ -99,6 +100,7 @@ class _NewtonSchulz(torch.autograd.Function):
         return _run_kernel(matrix, steps)
 
     @staticmethod
+    @backward_without_autocast
     def backward(ctx, grad):
         (matrix,) = ctx.saved_tensors
         with torch.enable_grad():

@@ -14,7 +14,7 @@ blocks):
     y  = r * (gelu(Hq) W1^T) - cr * (gelu(Hq) S1^T) - (MIX * gelu(Hq) A^T) E
     W1' = aE W1 - cE S1 - (mW*E)^T A,   S1' = pE S1 + (mS*E)^T A    (W2, S2 with G and X)
 
-Gate coefficients come from PyTorch as for the linear kernel (`triton_chunked.gd_coefficients`).
+Gate coefficients come from PyTorch as for the linear kernel (`chunked.coefficients.gd_coefficients`, laid out by `common.gd_coefficients_flat`).
 The forward writes the chunk-start state of every chunk into slot n of the state buffers (slot n+1
 is the next chunk's start; without autograd two slots alternate); the backward reloads them and
 recomputes each hidden block three times per chunk (for the sum over hidden units of the second
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from kernels.triton_support import tl, triton
 
-from .triton_linear_kernels import _chunk_inputs
+from .linear_kernels import chunk_inputs
 
 @triton.jit
 def _gelu_parts(x):
@@ -151,7 +151,7 @@ def mlp_gd_fwd(Q, X, V, MIX, R, CR, MW, MS, ENDS, W1, W2, S1, S2, Y,
             dst = (chunk_index + 1) % 2
         src1, src2 = _slot_bases(bh, src, slots, DV, DH, D)
         dst1, dst2 = _slot_bases(bh, dst, slots, DV, DH, D)
-        x, val, q, mix, r, cr, mw, ms, a_end, c_end, p_end = _chunk_inputs(
+        x, val, q, mix, r, cr, mw, ms, a_end, c_end, p_end = chunk_inputs(
             Q, X, V, MIX, R, CR, MW, MS, ENDS, bh, chunk_index, T_PAD, D, DV, N_CHUNKS, WIN,
             CHUNK, BLOCK_N, BLOCK_D, BLOCK_V, 0)
         err = _key_error(x, val, W1, W2, src1, src2, DV, DH, D, BLOCK_N, BLOCK_V, BLOCK_H, BLOCK_D,
@@ -205,7 +205,7 @@ def mlp_gd_bwd(Q, X, V, MIX, R, CR, MW, MS, ENDS, W1, W2, S1, S2, DY,
         st1, st2 = _slot_bases(bh, chunk_index, N_CHUNKS + 1, DV, DH, D)
         end1, end2 = _slot_bases(bh, step % 2, 2, DV, DH, D)
         start1, start2 = _slot_bases(bh, (step + 1) % 2, 2, DV, DH, D)
-        x, val, q, mix, r, cr, mw, ms, a_end, c_end, p_end = _chunk_inputs(
+        x, val, q, mix, r, cr, mw, ms, a_end, c_end, p_end = chunk_inputs(
             Q, X, V, MIX, R, CR, MW, MS, ENDS, bh, chunk_index, T_PAD, D, DV, N_CHUNKS, WIN,
             CHUNK, BLOCK_N, BLOCK_D, BLOCK_V, 0)
         dy = tl.load(DY + (bh * T_PAD + chunk_index * CHUNK + t[:, None]) * DV + v[None, :],

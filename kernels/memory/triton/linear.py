@@ -1,67 +1,21 @@
-"""`memory_forward` with impl="triton": the chunk recurrence in fused Triton kernels.
-
-Covered: kinds `linear` and `mlp`, rule `gd`, losses `l2` and `dot`, any window c with c - 1 <= b,
-chunk sizes 16, 32, 64, feature degrees 1 and 2 while the lifted width D <= 128 (and, for `mlp`,
-d_v <= 128; any hidden width), fp32 state, inputs in fp32, bf16 or fp16. `unsupported_reason` names
-the first option outside that set; dispatch falls back to the PyTorch chunked form for it.
-
-Split of work: PyTorch computes the parallel, chunk-local parts (feature maps phi, and the gate
-coefficients of every chunk from log-space products, reusing `chunked.chunk_coefficients`); the
-kernels run the sequential part, the state recurrence over chunks, forward and backward
-(`triton_linear_kernels`; the MLP memory's in `triton_mlp` / `triton_mlp_kernels`). Autograd carries the kernels' coefficient and feature gradients back to
-the gates, the feature coefficients `a` and q, k.
-"""
+"""The linear memory (`kind="linear"`, rule `gd`) on the fused Triton kernels: launch choices and
+autograd. Kernels in `linear_kernels.py`; coverage and the entry point in `__init__.py`."""
 from __future__ import annotations
 
 from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 
-from kernels.triton_support import HAS_TRITON, IEEE, TF32, LaunchConfig, device_reason, next_pow2
+from kernels.precision import backward_without_autocast
+from kernels.triton_support import HAS_TRITON, IEEE, TF32, LaunchConfig, next_pow2
 
-from .features import feature_dim, poly_features
-from .inputs import Prepared, finish, pad_tokens, prepare
-from .triton_common import (CHUNKS, INPUT_DTYPES, GdCoefficients, cdiv, dtype_label, feature_dtype,
-                            fold_windows, gd_coefficients, kernel_signature)
-from .triton_mlp import MlpGd, mlp_meta, mlp_unsupported_reason
-from .types import Gates, MemoryConfig, MemoryState
+from ..types import MemoryConfig
+from .common import CHUNKS, INPUT_DTYPES, cdiv, dtype_label, feature_dtype, fold_windows, kernel_signature
 
 if HAS_TRITON:
-    from .triton_linear_kernels import linear_gd_bwd, linear_gd_fwd
+    from .linear_kernels import linear_gd_bwd, linear_gd_fwd
 else:  # pragma: no cover - exercised only on installs without triton
     linear_gd_fwd = linear_gd_bwd = None
-
-MAX_FEATURE_BLOCK = 128
-KINDS = ("linear", "mlp")
-
-
-def unsupported_reason(cfg: MemoryConfig, q: torch.Tensor, d_v: Optional[int] = None) -> Optional[str]:
-    """None when impl="triton" covers `cfg` for inputs like q [B, T, H, d_k] and values of width d_v
-    (default d_k); else the option at fault."""
-    d_v = q.shape[-1] if d_v is None else d_v
-    device = device_reason(linear_gd_fwd, q)
-    if device is not None:
-        return device
-    if cfg.kind not in KINDS:
-        return f"kind={cfg.kind!r} (Triton covers kind in {KINDS})"
-    if cfg.rule != "gd":
-        return f"rule={cfg.rule!r} (Triton covers rule='gd')"
-    if cfg.chunk not in CHUNKS:
-        return f"chunk={cfg.chunk} (Triton covers chunk in {CHUNKS})"
-    if cfg.window - 1 > cfg.chunk:
-        return f"window={cfg.window} with chunk={cfg.chunk} (Triton needs window - 1 <= chunk)"
-    if cfg.state_dtype != torch.float32:
-        return f"state_dtype={cfg.state_dtype} (Triton keeps the state in torch.float32)"
-    if q.dtype not in INPUT_DTYPES:
-        return f"input dtype {q.dtype} (Triton covers {', '.join(map(str, INPUT_DTYPES))})"
-    width = feature_dim(q.shape[-1], cfg.degree)
-    if next_pow2(width) > MAX_FEATURE_BLOCK:
-        return (f"feature width D={width} (d_k={q.shape[-1]}, degree={cfg.degree}); "
-                f"Triton keeps the state in registers and covers D <= {MAX_FEATURE_BLOCK}")
-    if cfg.kind == "mlp":
-        return mlp_unsupported_reason(cfg, width, d_v, q.dtype)
-    return None
-
 
 # ----------------------------------------------------------------------------- launch configuration
 
@@ -147,7 +101,7 @@ def all_linear_metas():
                             yield dtype, linear_meta(cfg, block_d, dtype)
 
 
-class _LinearGd(torch.autograd.Function):
+class LinearGd(torch.autograd.Function):
     """Inputs flattened over (batch, head): q [BH, Tp, D], x [BH, Tp+c-1, D], v [BH, Tp+c-1, d_v],
     coefficients [BH, NC, ...], w0/s0 [BH, d_v, D]. Returns y [BH, Tp, d_v] and the final W, S (fp32)."""
 
@@ -174,6 +128,7 @@ class _LinearGd(torch.autograd.Function):
         return y, w_final, s_final
 
     @staticmethod
+    @backward_without_autocast
     def backward(ctx, dy, dw_final, ds_final):
         q, x, v, mixing, retain, carry, end_w, end_s, ends, w_saved, s_saved = ctx.saved_tensors
         meta: LinearMeta = ctx.meta
@@ -207,63 +162,3 @@ class _LinearGd(torch.autograd.Function):
         dv = fold_windows(dv, meta.chunk, meta.window)
         return (dq.sum(0).to(q.dtype), dx.to(x.dtype), dv.to(v.dtype), dmix.sum(0), dr.sum(0),
                 dcr.sum(0), dmw.sum(0), dms.sum(0), dends.sum(0), dw0, ds0, None)
-
-
-# ----------------------------------------------------------------------------- entry point
-
-
-def _flat(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """[B, H, ...] -> contiguous [B*H, ...] in `dtype` (the kernels' layout)."""
-    return x.to(dtype).flatten(0, 1).contiguous()
-
-
-def _run_linear(prep: Prepared, cfg: MemoryConfig, q: torch.Tensor, x: torch.Tensor,
-                values: torch.Tensor, coef: GdCoefficients):
-    meta = linear_meta(cfg, q.shape[-1], values.dtype)
-    y, w, s = _LinearGd.apply(q, x, values, *coef, _flat(prep.state.weights["W"]),
-                              _flat(prep.state.momentum["W"]), meta)
-    return y, {"W": w}, {"W": s}
-
-
-def _run_mlp(prep: Prepared, cfg: MemoryConfig, q: torch.Tensor, x: torch.Tensor,
-             values: torch.Tensor, coef: GdCoefficients):
-    meta = mlp_meta(cfg, q.shape[-1], values.shape[-1], values.dtype)
-    weights, momentum = prep.state.weights, prep.state.momentum
-    y, w1, w2, s1, s2 = MlpGd.apply(q, x, values, *coef, _flat(weights["W1"]), _flat(weights["W2"]),
-                                    _flat(momentum["W1"]), _flat(momentum["W2"]), meta)
-    return y, {"W1": w1, "W2": w2}, {"W1": s1, "W2": s2}
-
-
-def memory_forward_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: Gates,
-                          params: Dict[str, torch.Tensor], cfg: MemoryConfig,
-                          state: Optional[MemoryState] = None
-                          ) -> Tuple[torch.Tensor, MemoryState]:
-    reason = unsupported_reason(cfg, q, v.shape[-1])
-    if reason is not None:
-        raise ValueError(f"impl='triton' does not cover {reason}; use impl='auto' or 'chunked'")
-    prep = prepare(q, k, v, gates, params, cfg, state)
-    batch, heads, length, d_k = prep.q.shape
-    if length == 0:
-        from .chunked import memory_forward_chunked
-        return memory_forward_chunked(q, k, v, gates, params, cfg, state)
-    chunk, window = cfg.chunk, cfg.window
-    pad = -length % chunk
-    # padding tokens: retention and momentum 1, learning rate and window gate 0, so they touch no
-    # state; the chunk-end coefficients are read at the last real token anyway.
-    coef = gd_coefficients(pad_tokens(prep.alpha, pad, 1.0), pad_tokens(prep.eta, pad, 0.0),
-                           None if prep.theta is None else pad_tokens(prep.theta, pad, 1.0),
-                           pad_tokens(prep.g_win, pad, 0.0), chunk, window, length)
-    mlp_residual = cfg.kind == "mlp" and prep.residual
-    # an MLP memory's key residual enters only the l2 error: E = r_k + A W1^T - V
-    values = prep.v_win - prep.k_win if mlp_residual and cfg.loss == "l2" else prep.v_win
-    run = _run_linear if cfg.kind == "linear" else _run_mlp
-    lifted = feature_dtype(q.dtype, cfg.degree)
-    y, weights, momentum = run(
-        prep, cfg, _flat(pad_tokens(poly_features(prep.q, prep.a, cfg.degree), pad, 0.0), lifted),
-        _flat(pad_tokens(poly_features(prep.k_win, prep.a, cfg.degree), pad, 0.0), lifted),
-        _flat(pad_tokens(values, pad, 0.0), q.dtype), GdCoefficients(*(_flat(c) for c in coef)))
-    y = y.unflatten(0, (batch, heads))[:, :, :length]
-    if mlp_residual:
-        y = y + prep.q
-    unflat = lambda tensors: {n: t.unflatten(0, (batch, heads)) for n, t in tensors.items()}  # noqa: E731
-    return finish(prep, y, unflat(weights), unflat(momentum), cfg)

@@ -4,7 +4,7 @@ Only the chunk-start state crosses a chunk boundary, so the forward walks the ch
 each chunk's start state and a few activations; the backward walks them in reverse, carrying the
 gradient of the state. Autograd sees one node instead of a graph of many small ops per chunk, and
 gradients accumulate in place. Everything that does not depend on the state (features, gate
-coefficients, the first layer's kernel) is computed for all chunks at once outside (gd_chunked.py),
+coefficients, the first layer's kernel) is computed for all chunks at once outside (gd.py),
 where autograd differentiates it. Reads and updates of one weight matrix: gd_state_ops.py.
 
 Per chunk (tensors [BH, rows, width]; b query rows, N = b + c - 1 window rows), with read() and
@@ -19,14 +19,16 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import List, NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch.autograd.function import once_differentiable
 
+from kernels.precision import backward_without_autocast
+
+from ..memory_function import gelu
 from .cpu_threads import row_groups, run_all
 from .gd_state_ops import halves, read, read_backward, update, update_backward
-from .memory_function import gelu
 
 Tensor = torch.Tensor
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -144,6 +146,36 @@ def _backward_rows(spec: GdSpec, steps: List[_Saved], inputs: _Chunk, dy: Tensor
     return carried
 
 
+def _flatten(saved: _Saved) -> List[Tensor]:
+    """The tensors of one chunk's _Saved, in field order (lists inlined, None fields left out)."""
+    out: List[Tensor] = []
+    for value in saved:
+        if isinstance(value, list):
+            out.extend(value)
+        elif value is not None:
+            out.append(value)
+    return out
+
+
+def _layout(saved: _Saved) -> Tuple[Optional[int], ...]:
+    """Per field: None (absent), 0 (one tensor) or n (a list of n); the same for every chunk."""
+    return tuple(None if v is None else len(v) if isinstance(v, list) else 0 for v in saved)
+
+
+def _unflatten(tensors: Sequence[Tensor], layout: Tuple[Optional[int], ...]) -> _Saved:
+    fields, at = [], 0
+    for size in layout:
+        if size is None:
+            fields.append(None)
+        elif size == 0:
+            fields.append(tensors[at])
+            at += 1
+        else:
+            fields.append(list(tensors[at:at + size]))
+            at += size
+    return _Saved(*fields)
+
+
 class GdRecurrence(torch.autograd.Function):
     """forward(spec, uq, uk, target, kernel, ends, read_coef, update_coef, mixing, ws_first,
     ws_hidden) -> (y, final ws_first, final ws_hidden).
@@ -153,6 +185,10 @@ class GdRecurrence(torch.autograd.Function):
     end, read_coef [b, m] = (r, -c) (m = 2 with momentum, else (r,)), update_coef [N, 2] =
     (-ew, es), and for mlp the mixing matrix [b, N]. States are [W | S] [BH, out, 2*in].
     On CPU the (batch, head) rows are split into one group per thread (cpu_threads.py).
+
+    Everything the backward needs (each chunk's start state and activations) goes through
+    save_for_backward, so saved-tensor hooks see it: activation checkpointing frees and
+    recomputes it, and CPU offloading moves it.
     """
 
     @staticmethod
@@ -164,26 +200,32 @@ class GdRecurrence(torch.autograd.Function):
         states = (ws_first, ws_hidden) if spec.mlp else (ws_first,)
         groups = row_groups(ws_first.shape[0], ws_first.device)
         results = run_all([partial(_forward_rows, spec, _rows(inputs, rows),
-                                   tuple(x[rows] for x in states), ys[:, rows]) for rows in groups])
-        ctx.spec, ctx.groups = spec, [(rows, saved) for rows, (_, saved) in zip(groups, results)]
-        ctx.save_for_backward(*inputs)
+                                   tuple(x[rows] for x in states), ys[:, rows]) for rows in groups],
+                          uq.device)
+        per_chunk = [saved for _, group_saved in results for saved in group_saved]
+        ctx.spec, ctx.groups, ctx.chunks = spec, groups, uq.shape[0]
+        ctx.layout = _layout(per_chunk[0]) if per_chunk else ()
+        ctx.save_for_backward(*inputs, *(t for saved in per_chunk for t in _flatten(saved)))
         final = [torch.cat(parts) if len(parts) > 1 else parts[0]
                  for parts in zip(*(states for states, _ in results))]
         return ys, final[0], final[1] if spec.mlp else None
 
     @staticmethod
     @once_differentiable
+    @backward_without_autocast
     def backward(ctx, dy: Tensor, dws_first: Tensor, dws_hidden: Optional[Tensor]):
-        if ctx.groups is None:
-            raise RuntimeError("GdRecurrence: backward through the memory a second time "
-                               "(its saved chunk states are freed after the first)")
-        spec, inputs = ctx.spec, _Chunk(*ctx.saved_tensors)
+        spec, tensors = ctx.spec, ctx.saved_tensors
+        inputs = _Chunk(*tensors[:len(_Chunk._fields)])
+        width = sum(1 if size == 0 else size or 0 for size in ctx.layout)
+        flat = tensors[len(_Chunk._fields):]
+        per_chunk = [_unflatten(flat[i * width:(i + 1) * width], ctx.layout)
+                     for i in range(len(flat) // max(width, 1))]
         grads = _Chunk(*(x if x is None else torch.empty_like(x) for x in inputs))
         carried = (dws_first, dws_hidden) if spec.mlp else (dws_first,)
-        results = run_all([partial(_backward_rows, spec, steps, _rows(inputs, rows), dy[:, rows],
-                                   [g[rows] for g in carried], _rows(grads, rows))
-                           for rows, steps in ctx.groups])
-        ctx.groups = None
+        results = run_all([partial(_backward_rows, spec, per_chunk[g * ctx.chunks:(g + 1) * ctx.chunks],
+                                   _rows(inputs, rows), dy[:, rows], [g_[rows] for g_ in carried],
+                                   _rows(grads, rows))
+                           for g, rows in enumerate(ctx.groups)], dy.device)
         start = [torch.cat(parts) if len(parts) > 1 else parts[0] for parts in zip(*results)]
         return (None, *grads, start[0], start[1] if spec.mlp else None)
 

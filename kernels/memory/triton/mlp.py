@@ -1,6 +1,6 @@
 """The MLP memory (`kind="mlp"`, rule `gd`) on the fused Triton kernels: launch choices and autograd.
 
-Kernels in `triton_mlp_kernels.py`. The PyTorch side prepares what the linear path prepares (lifted
+Kernels in `mlp_kernels.py`. The PyTorch side prepares what the linear path prepares (lifted
 features, gate coefficients of every chunk) and two things of the MLP's own: the key residual is
 folded into the targets (E = r_k + A W1^T - V = A W1^T - (V - r_k)), and the query residual is
 added to the kernel's output, so the kernels never see the unlifted keys.
@@ -11,14 +11,14 @@ from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 
+from kernels.precision import backward_without_autocast
 from kernels.triton_support import HAS_TRITON, IEEE, TF32, LaunchConfig, next_pow2
 
-from .triton_common import (CHUNKS, INPUT_DTYPES, dtype_label, feature_dtype, fold_windows,
-                            kernel_signature)
-from .types import MemoryConfig
+from ..types import MemoryConfig
+from .common import CHUNKS, INPUT_DTYPES, dtype_label, feature_dtype, fold_windows, kernel_signature
 
 if HAS_TRITON:
-    from .triton_mlp_kernels import mlp_gd_bwd, mlp_gd_fwd
+    from .mlp_kernels import mlp_gd_bwd, mlp_gd_fwd
 else:  # pragma: no cover - exercised only on installs without triton
     mlp_gd_fwd = mlp_gd_bwd = None
 
@@ -150,6 +150,7 @@ class MlpGd(torch.autograd.Function):
         return (y, *finals)
 
     @staticmethod
+    @backward_without_autocast
     def backward(ctx, dy, *d_finals):
         q, x, v, mixing, retain, carry, end_w, end_s, ends, *states = ctx.saved_tensors
         meta: MlpMeta = ctx.meta

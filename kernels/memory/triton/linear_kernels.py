@@ -10,7 +10,7 @@ communication. Per chunk (N = b + c - 1 window tokens, X the lifted window keys)
     W'  = aE W_s - cE S_s - (mW * E)^T X,    S' = pE S_s + (mS * E)^T X
 
 The gate coefficients (MIX, r, cr, mW, mS, aE, cE, pE) come precomputed from PyTorch
-(`triton_chunked.gd_coefficients`); the backward returns their gradients and autograd carries
+(`chunked.coefficients.gd_coefficients`, laid out by `common.gd_coefficients_flat`); the backward returns their gradients and autograd carries
 them to the gates. Quantities that sum over d_v (gradients of Q, X and of the coefficients) are
 written per v-block and summed by the caller; window rows shared by two chunks are written per
 chunk and folded by the caller.
@@ -21,7 +21,7 @@ from kernels.triton_support import tl, triton
 
 
 @triton.jit
-def _chunk_inputs(Q, X, V, MIX, R, CR, MW, MS, ENDS, bh, chunk_index, T_PAD, D, DV, N_CHUNKS, WIN,
+def chunk_inputs(Q, X, V, MIX, R, CR, MW, MS, ENDS, bh, chunk_index, T_PAD, D, DV, N_CHUNKS, WIN,
                   CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr, v_block):
     """Loads one chunk's window keys, values, queries and gate coefficients (fp32)."""
@@ -72,7 +72,7 @@ def linear_gd_fwd(Q, X, V, MIX, R, CR, MW, MS, ENDS, W0, S0, Y, WS, SS, WF, SF,
             saved = (bh * N_CHUNKS + chunk_index) * DV * D + state_at
             tl.store(WS + saved, w, mask=state_mask)
             tl.store(SS + saved, s, mask=state_mask)
-        x, val, q, mix, r, cr, mw, ms, a_end, c_end, p_end = _chunk_inputs(
+        x, val, q, mix, r, cr, mw, ms, a_end, c_end, p_end = chunk_inputs(
             Q, X, V, MIX, R, CR, MW, MS, ENDS, bh, chunk_index, T_PAD, D, DV, N_CHUNKS, WIN,
             CHUNK, BLOCK_N, BLOCK_D, BLOCK_V, v_block)
         if L2:
@@ -124,7 +124,7 @@ def linear_gd_bwd(Q, X, V, MIX, R, CR, MW, MS, ENDS, WS, SS, DY, DWF, DSF,
         saved = cb * DV * D + state_at
         w = tl.load(WS + saved, mask=state_mask, other=0.0)
         s = tl.load(SS + saved, mask=state_mask, other=0.0)
-        x, val, q, mix, r, cr, mw, ms, a_end, c_end, p_end = _chunk_inputs(
+        x, val, q, mix, r, cr, mw, ms, a_end, c_end, p_end = chunk_inputs(
             Q, X, V, MIX, R, CR, MW, MS, ENDS, bh, chunk_index, T_PAD, D, DV, N_CHUNKS, WIN,
             CHUNK, BLOCK_N, BLOCK_D, BLOCK_V, v_block)
         dy = tl.load(DY + (bh * T_PAD + chunk_index * CHUNK + t[:, None]) * DV + v[None, :],
