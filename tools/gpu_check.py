@@ -19,7 +19,6 @@ bare GPU machine can take as wheels (docs/gpu_results.md says how this was run).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import platform
@@ -44,14 +43,23 @@ PRESETS = ["transformer", "titans", "omeganet", "dla", "atlas", "atlas_pp", "atl
 
 class Deadline:
     def __init__(self, seconds: float) -> None:
-        self.end = time.monotonic() + seconds
+        self.start = time.monotonic()
+        self.end = self.start + seconds
 
     def left(self) -> float:
         return self.end - time.monotonic()
 
 
+DEVICE = torch.device("cuda")   # --device cpu runs the same code small (--smoke) as a test of this script
+
+
 def _sync() -> None:
-    torch.cuda.synchronize()
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator(device=DEVICE).manual_seed(seed)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -74,9 +82,9 @@ KERNEL_CASES = [   # (kind, loss, window, chunk, degree, d_k, d_v, hidden, momen
 
 def _kernel_inputs(case, batch: int, length: int, heads: int, seed: int):
     kind, loss, window, chunk, degree, d_k, d_v, hidden, momentum = case
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    rand = lambda *s: torch.rand(*s, generator=gen, device="cuda")  # noqa: E731
-    randn = lambda *s: torch.randn(*s, generator=gen, device="cuda")  # noqa: E731
+    gen = _generator(seed)
+    rand = lambda *s: torch.rand(*s, generator=gen, device=DEVICE)  # noqa: E731
+    randn = lambda *s: torch.randn(*s, generator=gen, device=DEVICE)  # noqa: E731
     q = F.normalize(randn(batch, length, heads, d_k), dim=-1)
     k = F.normalize(randn(batch, length, heads, d_k), dim=-1)
     v = randn(batch, length, heads, d_v)
@@ -103,8 +111,8 @@ def _run_operator(cfg, qkv, gates, params, impl: str, dtype: torch.dtype):
                     for n, p in params.items()}
     y, state = memory_forward(q, k, v, Gates(*gate_leaves), param_leaves, cfg, impl=impl)
     finals = [state.weights[n] for n in cfg.weight_names] + [state.momentum[n] for n in cfg.weight_names]
-    gen = torch.Generator(device="cuda").manual_seed(7)
-    probes = [torch.randn(t.shape, generator=gen, device="cuda", dtype=torch.float32) for t in [y] + finals]
+    gen = _generator(7)
+    probes = [torch.randn(t.shape, generator=gen, device=DEVICE, dtype=torch.float32) for t in [y] + finals]
     loss = sum((t.double() * p.double()).sum() for t, p in zip([y] + finals, probes))
     loss.backward()
     grads = {"q": q.grad, "k": k.grad, "v": v.grad}
@@ -113,9 +121,9 @@ def _run_operator(cfg, qkv, gates, params, impl: str, dtype: torch.dtype):
     return {"y": y.detach(), **{f"final{i}": t.detach() for i, t in enumerate(finals)}}, grads
 
 
-def check_kernels(deadline: Deadline, length: int) -> List[Dict]:
+def check_kernels(deadline: Deadline, length: int, cases=KERNEL_CASES) -> List[Dict]:
     rows = []
-    for i, case in enumerate(KERNEL_CASES):
+    for i, case in enumerate(cases):
         if deadline.left() < 0:
             rows.append({"case": str(case), "skipped": "deadline"})
             continue
@@ -125,7 +133,16 @@ def check_kernels(deadline: Deadline, length: int) -> List[Dict]:
                "auto_on_bf16": resolve_impl("auto", low[0], cfg, case[6])}
         try:
             truth_out, truth_grads = _run_operator(cfg, low, gates, params, "chunked", torch.float64)
-            for impl in ("triton", "chunked"):
+        except Exception as error:   # a failure is a result, not the end of the check
+            row["error"] = f"{type(error).__name__}: {error}"
+            rows.append(row)
+            continue
+        for impl in ("triton", "chunked"):
+            if impl == "triton" and row["auto_on_bf16"] != "triton":
+                from kernels.memory.triton import unsupported_reason
+                row[impl] = f"not covered: {unsupported_reason(cfg, low[0], case[6])}"
+                continue
+            try:
                 start = time.perf_counter()
                 out, grads = _run_operator(cfg, low, gates, params, impl, torch.bfloat16)
                 _sync()
@@ -134,11 +151,11 @@ def check_kernels(deadline: Deadline, length: int) -> List[Dict]:
                              "state_error": max(_rel(out[n], truth_out[n]) for n in out if n != "y"),
                              "grad_errors": {n: _rel(g, truth_grads[n]) for n, g in grads.items()}}
                 row[impl]["worst_grad"] = max(row[impl]["grad_errors"].values())
-        except Exception as error:   # a kernel that fails is a result, not the end of the check
-            row["error"] = f"{type(error).__name__}: {error}"
-            row["traceback"] = traceback.format_exc(limit=6)
+            except Exception as error:
+                row[impl] = f"{type(error).__name__}: {error}"
+                row["traceback"] = traceback.format_exc(limit=6)
         rows.append(row)
-        print(f"  kernels {i}: {json.dumps({k: v for k, v in row.items() if k != 'traceback'}, default=str)[:400]}",
+        print(f"  [{time.monotonic() - deadline.start:.0f}s] kernels {i}: {json.dumps({k: v for k, v in row.items() if k != 'traceback'}, default=str)[:400]}",
               flush=True)
     return rows
 
@@ -150,36 +167,43 @@ def _is_muon(model_cfg: ModelConfig) -> bool:
     return model_cfg.has_memory and model_cfg.memory.rule == "muon"
 
 
-def train_presets(deadline: Deadline, seq_len: int, steps: int, peak_tflops: float,
+def _peak_memory_gb() -> Optional[float]:
+    return torch.cuda.max_memory_allocated() / 1e9 if DEVICE.type == "cuda" else None
+
+
+def train_presets(deadline: Deadline, size: str, seq_len: int, muon_seq_len: int, steps: int, peak_tflops: float,
                   per_preset_s: float, presets: List[str]) -> List[Dict]:
     rows = []
     for preset in presets:
-        row: Dict[str, object] = {"preset": preset, "size": "170M"}
+        row: Dict[str, object] = {"preset": preset, "size": size}
         if deadline.left() < 20:
             row["skipped"] = "deadline"
             rows.append(row)
             continue
         try:
-            model_cfg = to_model_config(compose(preset, "170M", "default"))
-            length = seq_len
-            model = build_model(model_cfg, device="cuda")
+            model_cfg = to_model_config(compose(preset, size, "default"))
+            # the exact Muon rule orthogonalises every token's momentum: a shorter sequence keeps a
+            # step within the time budget, and the table says which length each preset ran
+            length = muon_seq_len if _is_muon(model_cfg) else seq_len
+            model = build_model(model_cfg, device=DEVICE)
             cfg = model.cfg
             row.update(params=sum(p.numel() for p in model.parameters()), seq_len=length,
                        memory_impl=None if not cfg.has_memory else cfg.memory.impl,
                        rule=None if not cfg.has_memory else cfg.memory.rule)
             flops_per_token = training_flops_per_token(cfg, length)
-            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=True)
-            gen = torch.Generator(device="cuda").manual_seed(0)
-            tokens = torch.randint(0, cfg.vocab_size, (1, length + 1), generator=gen, device="cuda")
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95),
+                                          fused=DEVICE.type == "cuda")
+            tokens = torch.randint(0, cfg.vocab_size, (1, length + 1), generator=_generator(0), device=DEVICE)
             inputs, labels = tokens[:, :-1], tokens[:, 1:]
-            torch.cuda.reset_peak_memory_stats()
+            if DEVICE.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
             times, losses = [], []
             started = time.monotonic()
             for step in range(steps):
                 _sync()
                 t0 = time.perf_counter()
                 optimizer.zero_grad(set_to_none=True)
-                with torch.autocast("cuda", dtype=torch.bfloat16):
+                with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
                     logits = model(inputs)
                 loss = loss_sum(logits, labels) / labels.numel()
                 loss.backward()
@@ -194,16 +218,17 @@ def train_presets(deadline: Deadline, seq_len: int, steps: int, peak_tflops: flo
             step_s = sum(timed) / len(timed)
             tokens_per_s = length / step_s
             row.update(steps=len(times), step_seconds=times, losses=losses, tokens_per_s=tokens_per_s,
-                       peak_memory_gb=torch.cuda.max_memory_allocated() / 1e9,
+                       peak_memory_gb=_peak_memory_gb(),
                        flops_per_token=flops_per_token, mfu=mfu(flops_per_token, tokens_per_s, peak_tflops),
                        finite=all(math.isfinite(x) for x in losses))
             del model, optimizer
         except Exception as error:
             row["error"] = f"{type(error).__name__}: {error}"
             row["traceback"] = traceback.format_exc(limit=8)
-        torch.cuda.empty_cache()
+        if DEVICE.type == "cuda":
+            torch.cuda.empty_cache()
         rows.append(row)
-        print(f"  train {preset}: {json.dumps({k: v for k, v in row.items() if k not in ('traceback',)}, default=str)[:500]}",
+        print(f"  [{time.monotonic() - deadline.start:.0f}s] train {preset}: {json.dumps({k: v for k, v in row.items() if k not in ('traceback',)}, default=str)[:500]}",
               flush=True)
     return rows
 
@@ -217,22 +242,27 @@ LAYER_MEMORIES = {"titans": dict(kind="mlp", rule="gd", loss="l2", window=1, deg
 
 
 def _time(fn: Callable[[], None], repeats: int) -> float:
+    """Median seconds of `repeats` calls after one warm-up (device events on CUDA)."""
     fn()   # warm-up: compiles, allocator
     _sync()
     samples = []
     for _ in range(repeats):
-        start = torch.cuda.Event(enable_timing=True)
-        stop = torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        stop.record()
-        _sync()
-        samples.append(start.elapsed_time(stop) / 1e3)
+        if DEVICE.type == "cuda":
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            stop.record()
+            _sync()
+            samples.append(start.elapsed_time(stop) / 1e3)
+        else:
+            began = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - began)
     return sorted(samples)[len(samples) // 2]
 
 
 def _attention_fn(heads: int, head_dim: int, length: int) -> Callable[[], None]:
-    q, k, v = (torch.randn(1, heads, length, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    q, k, v = (torch.randn(1, heads, length, head_dim, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
                for _ in range(3))
     try:
         from flash_attn import flash_attn_func   # [B, T, H, D]
@@ -249,9 +279,9 @@ def _attention_fn(heads: int, head_dim: int, length: int) -> Callable[[], None]:
     return run
 
 
-def time_layers(deadline: Deadline, lengths: List[int], repeats: int) -> List[Dict]:
+def time_layers(deadline: Deadline, lengths: List[int], repeats: int, shapes=LAYER_SHAPES) -> List[Dict]:
     rows = []
-    for size, (d_model, heads) in LAYER_SHAPES.items():
+    for size, (d_model, heads) in shapes.items():
         for name, memory in LAYER_MEMORIES.items():
             for length in lengths:
                 row: Dict[str, object] = {"size": size, "memory": name, "T": length,
@@ -260,12 +290,12 @@ def time_layers(deadline: Deadline, lengths: List[int], repeats: int) -> List[Di
                     row["skipped"] = "deadline"
                     rows.append(row)
                     continue
-                x = torch.randn(1, length, d_model, device="cuda", requires_grad=True)
+                x = torch.randn(1, length, d_model, device=DEVICE, requires_grad=True)
                 for impl in ("triton", "chunked"):
                     cfg = ModelConfig(d_model=d_model, n_heads=heads,
                                       memory=MemoryLayerConfig(chunk=64, impl=impl, **memory))
-                    layer = MemoryLayer(cfg).cuda()
-                    probe = torch.zeros(1, length, heads, cfg.mem_key_dim, device="cuda", dtype=torch.bfloat16)
+                    layer = MemoryLayer(cfg).to(DEVICE)
+                    probe = torch.zeros(1, length, heads, cfg.mem_key_dim, device=DEVICE, dtype=torch.bfloat16)
                     reason = None
                     if impl == "triton":
                         from kernels.memory.triton import unsupported_reason
@@ -275,7 +305,7 @@ def time_layers(deadline: Deadline, lengths: List[int], repeats: int) -> List[Di
                         continue
 
                     def run():
-                        with torch.autocast("cuda", dtype=torch.bfloat16):
+                        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
                             y, _ = layer(x)
                         y.float().square().mean().backward()
                     try:
@@ -289,8 +319,9 @@ def time_layers(deadline: Deadline, lengths: List[int], repeats: int) -> List[Di
                 if isinstance(row.get("triton"), float) and isinstance(row.get("chunked"), float):
                     row["triton_speedup_vs_chunked"] = row["chunked"] / row["triton"]
                 rows.append(row)
-                print(f"  layer {json.dumps(row, default=str)[:400]}", flush=True)
-                torch.cuda.empty_cache()
+                print(f"  [{time.monotonic() - deadline.start:.0f}s] layer {json.dumps(row, default=str)[:400]}", flush=True)
+                if DEVICE.type == "cuda":
+                    torch.cuda.empty_cache()
     return rows
 
 
@@ -316,20 +347,19 @@ def markdown(result: Dict) -> str:
         cells = []
         for impl in ("triton", "chunked"):
             r = row.get(impl)
-            cells.append("-" if not isinstance(r, dict) else
+            cells.append(str(r or row.get("error", "-"))[:120] if not isinstance(r, dict) else
                          f"{r['output_error']:.1e} / {r['state_error']:.1e} / {r['worst_grad']:.1e}")
-        lines.append(f"| {label} | {row.get('auto_on_bf16', '-')} | {cells[0]} | {cells[1]} |"
-                     + (f" error: {row['error'][:120]}" if "error" in row else ""))
-    lines += ["", "## 2. Training at 170M, bf16 autocast, micro-batch 1", "",
+        lines.append(f"| {label} | {row.get('auto_on_bf16', '-')} | {cells[0]} | {cells[1]} |")
+    lines += ["", f"## 2. Training at {result['args']['train_size']}, bf16 autocast, micro-batch 1", "",
               "| preset | rule | T | steps | s/step | tokens/s | peak GB | GFLOP/token | MFU | losses |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for row in result["training"]:
-        if "error" in row or "skipped" in row:
+        if "error" in row or "skipped" in row:   # a failure is a row of the table too
             lines.append(f"| {row['preset']} | | | | | | | | | {row.get('error', row.get('skipped'))[:160]} |")
             continue
         step_s = sum(row["step_seconds"][1:] or row["step_seconds"]) / max(1, len(row["step_seconds"][1:] or row["step_seconds"]))
         lines.append(f"| {row['preset']} | {row['rule'] or '-'} | {row['seq_len']} | {row['steps']} | {step_s:.2f} | "
-                     f"{row['tokens_per_s']:,.0f} | {row['peak_memory_gb']:.1f} | {row['flops_per_token'] / 1e9:.1f} | "
+                     f"{row['tokens_per_s']:,.0f} | {_fmt(row['peak_memory_gb'], '.1f')} | {row['flops_per_token'] / 1e9:.1f} | "
                      f"{row['mfu']:.1%} | {' '.join(f'{x:.3f}' for x in row['losses'])} |")
     lines += ["", "## 3. One memory layer, fwd+bwd seconds (bf16 autocast), vs causal attention on the same heads", "",
               "| size | memory | T | triton | chunked | triton speed-up | attention (backend) |", "|---|---|---|---|---|---|---|"]
@@ -347,7 +377,13 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     p.add_argument("--budget-s", type=float, default=420.0, help="deadline for the whole check; later work is skipped")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak per GPU for MFU (H100/H200 SXM: 989)")
     p.add_argument("--kernel-length", type=int, default=512)
+    p.add_argument("--device", default="cuda", help="cuda; cpu only with --smoke, to test this script")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny sizes everywhere (size=tiny, T=64-128, two kernel cases): a test of the script")
+    p.add_argument("--train-size", default="170M")
     p.add_argument("--train-seq-len", type=int, default=4096)
+    p.add_argument("--muon-seq-len", type=int, default=1024,
+                   help="T for presets with the exact Muon rule (per-token Newton-Schulz)")
     p.add_argument("--train-steps", type=int, default=5)
     p.add_argument("--per-preset-s", type=float, default=30.0, help="stop a preset's steps after this long")
     p.add_argument("--presets", nargs="+", default=PRESETS)
@@ -356,12 +392,21 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     p.add_argument("--sections", nargs="+", default=["kernels", "training", "layers"],
                    choices=["kernels", "training", "layers"])
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("gpu_check: no CUDA device")
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("gpu_check: no CUDA device (--device cpu --smoke tests the script on a CPU)")
+    kernel_cases, shapes = KERNEL_CASES, LAYER_SHAPES
+    if args.smoke:
+        kernel_cases, shapes = KERNEL_CASES[2:4], {"tiny": (64, 4)}
+        args.kernel_length, args.train_size, args.train_seq_len, args.muon_seq_len = 64, "tiny", 64, 32
+        args.train_steps, args.layer_lengths, args.repeats = 2, [128], 1
     import triton
     deadline = Deadline(args.budget_s)
     wall = time.monotonic()
-    result: Dict = {"environment": {"device": torch.cuda.get_device_name(), "capability": torch.cuda.get_device_capability(),
+    on_cuda = DEVICE.type == "cuda"
+    result: Dict = {"environment": {"device": torch.cuda.get_device_name() if on_cuda else platform.processor() or "cpu",
+                                    "capability": torch.cuda.get_device_capability() if on_cuda else None,
                                     "torch": torch.__version__, "triton": triton.__version__,
                                     "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},
                     "args": {k: str(v) for k, v in vars(args).items()}, "kernels": [], "training": [], "layers": []}
@@ -374,14 +419,21 @@ def main(argv: Optional[List[str]] = None) -> Dict:
 
     print(f"gpu_check: {result['environment']}", flush=True)
     if "kernels" in args.sections:
-        result["kernels"] = check_kernels(deadline, args.kernel_length)
+        result["kernels"] = check_kernels(deadline, args.kernel_length, kernel_cases)
         save()
+    # the exact-Muon presets are the slowest to train: they go last, after the layer timings
+    muon = [p for p in args.presets if _is_muon(to_model_config(compose(p, args.train_size, "default")))]
     if "training" in args.sections:
-        result["training"] = train_presets(deadline, args.train_seq_len, args.train_steps, args.peak_tflops,
-                                           args.per_preset_s, args.presets)
+        result["training"] = train_presets(deadline, args.train_size, args.train_seq_len, args.muon_seq_len,
+                                           args.train_steps, args.peak_tflops, args.per_preset_s,
+                                           [p for p in args.presets if p not in muon])
         save()
     if "layers" in args.sections:
-        result["layers"] = time_layers(deadline, args.layer_lengths, args.repeats)
+        result["layers"] = time_layers(deadline, args.layer_lengths, args.repeats, shapes)
+        save()
+    if "training" in args.sections:
+        result["training"] += train_presets(deadline, args.train_size, args.train_seq_len, args.muon_seq_len,
+                                            args.train_steps, args.peak_tflops, args.per_preset_s, muon)
     save()
     print(markdown(result))
     return result
