@@ -74,14 +74,16 @@ def prepare(q, k, v, gates: Gates, params: Dict[str, torch.Tensor], cfg: MemoryC
         residual=d_k == d_v,
         state=MemoryState({n: flush_gradient(w.to(dtype)) for n, w in state.weights.items()},
                           {n: flush_gradient(s.to(dtype)) for n, s in state.momentum.items()},
-                          state.window_k, state.window_v, state.window_g),
+                          state.window_k, state.window_v, state.window_g,
+                          {n: flush_gradient(b.to(dtype)) for n, b in state.block.items()}, state.block_tokens),
         out_dtype=v.dtype,
     )
 
 
 def finish(prep: Prepared, y: torch.Tensor, weights: Dict[str, torch.Tensor],
-           momentum: Dict[str, torch.Tensor], cfg: MemoryConfig):
-    """Back to [B, T, H, d_v] in the input dtype, plus the outgoing state (last c-1 window tokens)."""
+           momentum: Dict[str, torch.Tensor], cfg: MemoryConfig, block: Optional[Dict[str, torch.Tensor]] = None):
+    """Back to [B, T, H, d_v] in the input dtype, plus the outgoing state (last c-1 window tokens;
+    `block`: the open muon_block block, whose token count follows from the length)."""
     keep = prep.k_win.shape[2] - (cfg.window - 1)
     state = MemoryState(
         weights=weights,
@@ -89,6 +91,8 @@ def finish(prep: Prepared, y: torch.Tensor, weights: Dict[str, torch.Tensor],
         window_k=prep.k_win[:, :, keep:].transpose(1, 2),
         window_v=prep.v_win[:, :, keep:].transpose(1, 2),
         window_g=prep.g_win[:, :, keep:].transpose(1, 2),
+        block=prep.state.block if block is None else block,
+        block_tokens=(prep.state.block_tokens + prep.length) % cfg.ns_block if cfg.rule == "muon_block" else 0,
     )
     return y.transpose(1, 2).to(prep.out_dtype), state
 

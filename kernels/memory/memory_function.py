@@ -11,6 +11,8 @@ from typing import Callable, Dict, Tuple
 import torch
 import torch.nn.functional as F
 
+from kernels.precision import flush_threshold
+
 Linear = Callable[[str, torch.Tensor], torch.Tensor]
 
 
@@ -73,3 +75,11 @@ def gradient_factors(kind: str, loss: str, weights: Dict[str, torch.Tensor], u: 
     else:
         factors["W2"] = (gelu_backward(d_hidden, pre), u)
     return factors
+
+
+def normalised_momentum(momentum: torch.Tensor) -> torch.Tensor:
+    """S sqrt(min(out, in)) / ||S||_F for S [..., out, in]: the Frobenius norm of an orthogonal matrix
+    of full rank, which is what Newton-Schulz would make of S (muon_block's steps inside a block)."""
+    rank = min(momentum.shape[-2:])
+    norm = torch.linalg.matrix_norm(momentum, keepdim=True)
+    return momentum * (rank ** 0.5 / norm.clamp_min(flush_threshold(momentum.dtype)))

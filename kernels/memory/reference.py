@@ -13,7 +13,7 @@ from kernels.newton_schulz import newton_schulz
 
 from .features import poly_features
 from .inputs import Prepared, finish, prepare
-from .memory_function import inner_loss, matmul_linear, memory_apply
+from .memory_function import inner_loss, matmul_linear, memory_apply, normalised_momentum
 from .types import Gates, MemoryConfig, MemoryState
 
 
@@ -39,6 +39,7 @@ def memory_forward_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     differentiable = torch.is_grad_enabled()
     weights = dict(prep.state.weights)
     momentum = dict(prep.state.momentum)
+    block, block_tokens = dict(prep.state.block), prep.state.block_tokens
     outputs = []
     for t in range(prep.length):
         if t % cfg.chunk == 0:
@@ -49,16 +50,33 @@ def memory_forward_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         eta = prep.eta[:, :, t, None, None]
         theta = None if prep.theta is None else prep.theta[:, :, t, None, None]
         weights, momentum = dict(weights), dict(momentum)
+        if cfg.rule == "muon_block":
+            block_tokens += 1
+            block_ends = block_tokens == cfg.ns_block
+            block["lr"] = alpha * block["lr"] + eta
         for name, u in surprise.items():
             step = eta * u if cfg.rule == "gd" else u
             momentum[name] = step if theta is None else theta * momentum[name] + step
             if cfg.rule == "gd":
                 weights[name] = alpha * weights[name] - momentum[name]
-            else:
+            elif cfg.rule == "muon":
                 weights[name] = alpha * weights[name] - eta * newton_schulz(momentum[name], cfg.ns_steps)
+            else:   # muon_block: orthogonalise the block's summed momentum at its end
+                block[f"sum.{name}"] = alpha * block[f"sum.{name}"] + eta * momentum[name]
+                block[f"start.{name}"] = alpha * block[f"start.{name}"]
+                if block_ends:
+                    weights[name] = block[f"start.{name}"] - block["lr"] * newton_schulz(block[f"sum.{name}"],
+                                                                                          cfg.ns_steps)
+                else:   # inside the block: the momentum step, normalised to an orthogonal one's size
+                    weights[name] = alpha * weights[name] - eta * normalised_momentum(momentum[name])
+        if cfg.rule == "muon_block" and block_ends:
+            block = {**{f"start.{n}": w for n, w in weights.items()},
+                     **{f"sum.{n}": torch.zeros_like(w) for n, w in weights.items()},
+                     "lr": torch.zeros_like(block["lr"])}
+            block_tokens = 0
         q_t = prep.q[:, :, t:t + 1]
         residual = q_t if prep.residual else 0.0
         outputs.append(memory_apply(cfg.kind, matmul_linear(weights),
                                     poly_features(q_t, prep.a, cfg.degree), residual))
     y = torch.cat(outputs, dim=2) if outputs else prep.q.new_zeros(*prep.q.shape[:3], v.shape[-1])
-    return finish(prep, y, weights, momentum, cfg)
+    return finish(prep, y, weights, momentum, cfg, block if cfg.rule == "muon_block" else None)

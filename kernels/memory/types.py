@@ -1,13 +1,13 @@
 """The memory operator's configuration, gates and carried state (DESIGN section 2)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, NamedTuple, Optional
 
 import torch
 
 KINDS = ("linear", "mlp", "gated_mlp")
-RULES = ("gd", "muon")
+RULES = ("gd", "muon", "muon_block")
 LOSSES = ("l2", "dot")
 # The weight matrices each memory kind learns, and which of them read the (lifted) key directly.
 WEIGHT_NAMES = {"linear": ("W",), "mlp": ("W1", "W2"), "gated_mlp": ("W1", "W2", "W3")}
@@ -25,6 +25,7 @@ class MemoryConfig:
     chunk: int = 16
     degree: int = 1
     ns_steps: int = 5
+    ns_block: int = 1     # muon_block: tokens per orthogonalisation (1: exactly `muon`)
     state_dtype: torch.dtype = torch.float32
 
     def __post_init__(self) -> None:
@@ -32,10 +33,13 @@ class MemoryConfig:
                                      ("loss", self.loss, LOSSES)):
             if value not in allowed:
                 raise ValueError(f"MemoryConfig.{name}={value!r}; allowed: {', '.join(allowed)}")
-        for name in ("window", "chunk", "degree", "ns_steps"):
+        for name in ("window", "chunk", "degree", "ns_steps", "ns_block"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"MemoryConfig.{name}={value!r} must be an integer >= 1")
+        if self.rule == "muon_block" and self.ns_block % self.chunk and self.chunk % self.ns_block:
+            raise ValueError(f"MemoryConfig.ns_block={self.ns_block} must divide chunk={self.chunk} or be a "
+                             "multiple of it (orthogonalisation blocks end on the chunk grid)")
 
     @property
     def weight_names(self) -> tuple:
@@ -60,6 +64,10 @@ class MemoryState:
 
     weights/momentum: name -> [B, H, out, in]. window_k: [B, c-1, H, d_k] (unlifted keys),
     window_v: [B, c-1, H, d_v], window_g: [B, c-1, H]; tokens that do not exist yet have g = 0.
+    block (rule `muon_block` only): the open orthogonalisation block, "start.<name>" (its start
+    weights, decayed by the retention since) and "sum.<name>" (its lr-weighted momentum sum),
+    [B, H, out, in], and "lr" [B, H, 1, 1] (its summed decayed learning rate); block_tokens: how
+    many of its tokens are already in.
     """
 
     weights: Dict[str, torch.Tensor]
@@ -67,6 +75,8 @@ class MemoryState:
     window_k: torch.Tensor
     window_v: torch.Tensor
     window_g: torch.Tensor
+    block: Dict[str, torch.Tensor] = field(default_factory=dict)
+    block_tokens: int = 0
 
 
 def initial_state(params: Dict[str, torch.Tensor], cfg: MemoryConfig, batch: int, d_k: int,
@@ -76,10 +86,16 @@ def initial_state(params: Dict[str, torch.Tensor], cfg: MemoryConfig, batch: int
                for n in cfg.weight_names}
     heads = params[cfg.weight_names[0]].shape[0]
     zeros = dict(dtype=dtype, device=device)
+    block = {}
+    if cfg.rule == "muon_block":
+        block = {**{f"start.{n}": w for n, w in weights.items()},
+                 **{f"sum.{n}": torch.zeros_like(w) for n, w in weights.items()},
+                 "lr": torch.zeros(batch, heads, 1, 1, **zeros)}
     return MemoryState(
         weights=weights,
         momentum={n: torch.zeros_like(w) for n, w in weights.items()},
         window_k=torch.zeros(batch, cfg.window - 1, heads, d_k, **zeros),
         window_v=torch.zeros(batch, cfg.window - 1, heads, d_v, **zeros),
         window_g=torch.zeros(batch, cfg.window - 1, heads, **zeros),
+        block=block,
     )

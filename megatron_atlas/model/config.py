@@ -9,10 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from kernels.memory.types import KINDS as MEMORY_KINDS, LOSSES as MEMORY_LOSSES, RULES as MEMORY_RULES
+
 BLOCKS = ("lmm", "mag", "mal", "swa", "attn")
-MEMORY_KINDS = ("linear", "mlp", "gated_mlp")
-MEMORY_RULES = ("gd", "muon")
-MEMORY_LOSSES = ("l2", "dot")
 # Default per-head key width under polynomial features, whose width D = C(d_k + p, p) grows fast
 # with d_k: half the head width, at most POLY_KEY_DIM (D = 561 at p = 2).
 POLY_KEY_DIM = 32
@@ -37,12 +36,14 @@ class MemoryLayerConfig:
     """The learned test-time memory of a memory layer (DESIGN section 2 and 3)."""
 
     kind: str = "mlp"            # linear | mlp | gated_mlp
-    rule: str = "gd"             # gd (Titans / OmegaNet) | muon (Atlas)
+    rule: str = "gd"             # gd (Titans / OmegaNet) | muon (Atlas: NS on every token's momentum) |
+                                 # muon_block (NS once per ns_block tokens; = muon at ns_block 1)
     loss: str = "l2"             # l2 | dot (DLA)
     window: int = 1              # Omega window c
     chunk: int = 16              # chunk size b of the parallel form
     degree: int = 1              # polynomial feature degree p
-    ns_steps: int = 5            # Newton-Schulz steps for the muon rule
+    ns_steps: int = 5            # Newton-Schulz steps for the muon rules
+    ns_block: int = 1            # muon_block: tokens per orthogonalisation (divides chunk or a multiple of it)
     key_dim: Optional[int] = None   # per-head d_k of q, k; None = head_dim (degree 1) or
                                     # min(head_dim / 2, 32) (degree > 1: features grow as d_k^p)
     expansion: int = 4           # hidden width of an MLP memory = expansion * head_dim
@@ -60,6 +61,10 @@ class MemoryLayerConfig:
         _check_positive(f"{prefix}.chunk", self.chunk)
         _check_positive(f"{prefix}.degree", self.degree)
         _check_positive(f"{prefix}.ns_steps", self.ns_steps)
+        _check_positive(f"{prefix}.ns_block", self.ns_block)
+        if self.rule == "muon_block" and self.ns_block % self.chunk and self.chunk % self.ns_block:
+            raise ConfigError(f"{prefix}.ns_block={self.ns_block} must divide {prefix}.chunk={self.chunk} or be a "
+                              "multiple of it")
         _check_positive(f"{prefix}.expansion", self.expansion)
         _check_positive(f"{prefix}.conv_width", self.conv_width)
         if self.key_dim is not None:

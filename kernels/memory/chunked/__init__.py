@@ -23,4 +23,5 @@ def memory_forward_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ga
     prep = prepare(q, k, v, gates, params, cfg, state)
     if cfg.rule == "gd" and cfg.kind in GD_KINDS and prep.length > 0:
         return finish(prep, *gd_chunked(prep, cfg), cfg)
-    return finish(prep, *chunk_loop(prep, cfg), cfg)
+    y, weights, momentum, block = chunk_loop(prep, cfg)
+    return finish(prep, y, weights, momentum, cfg, block)

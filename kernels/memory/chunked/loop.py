@@ -21,6 +21,7 @@ from ..memory_function import gradient_factors, memory_apply
 from ..types import FIRST_LAYER, MemoryConfig
 from .coefficients import ChunkCoefficients, GdCoefficients, chunk_coefficients, gd_coefficients
 from .cpu_threads import run_all
+from .muon_block import muon_block_chunk
 
 Factors = Dict[str, Tuple[torch.Tensor, torch.Tensor]]
 
@@ -106,21 +107,39 @@ class _ChunkInputs(NamedTuple):
     theta: Optional[torch.Tensor]
 
 
+def state_keys(cfg: MemoryConfig) -> Tuple[str, ...]:
+    """The flat names of the state a chunk step carries: "weights.W", "momentum.W", and under
+    muon_block the open block's "start.W", "sum.W" and "lr"."""
+    names = cfg.weight_names
+    keys = tuple(f"weights.{n}" for n in names) + tuple(f"momentum.{n}" for n in names)
+    if cfg.rule == "muon_block":
+        keys += tuple(f"start.{n}" for n in names) + tuple(f"sum.{n}" for n in names) + ("lr",)
+    return keys
+
+
 def _chunk_step(cfg: MemoryConfig, residual: bool, a: Optional[torch.Tensor], x: _ChunkInputs,
-                weights: Dict[str, torch.Tensor], momentum: Dict[str, torch.Tensor]):
+                state: Dict[str, torch.Tensor], block_tokens: int) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """y of one chunk [B, H, L, d_v] and its end state, differentiable by autograd."""
+    names = cfg.weight_names
+    weights = {n: state[f"weights.{n}"] for n in names}
+    momentum = {n: state[f"momentum.{n}"] for n in names}
     factors = gradient_factors(cfg.kind, cfg.loss, weights, poly_features(x.k_win, a, cfg.degree),
                                x.k_win if residual else torch.zeros_like(x.v_win), x.v_win)
     u_q = poly_features(x.q, a, cfg.degree)
     read_residual = x.q if residual else 0.0
+    if cfg.rule == "muon_block":
+        return muon_block_chunk(cfg, factors, poly_kernel(x.q, x.k_win, a, cfg.degree), u_q, read_residual,
+                                x.alpha, x.eta, x.theta, x.g_win, state, block_tokens)
     if cfg.rule == "gd":
         one = lambda t: None if t is None else t.unsqueeze(2)  # noqa: E731  (a chunk axis of 1)
         coef = GdCoefficients(*(None if t is None else t.squeeze(2) for t in gd_coefficients(
             one(x.alpha), one(x.eta), one(x.theta), one(x.g_win), cfg.window)))
         first_kernel = poly_kernel(x.q, x.k_win, a, cfg.degree)
-        return _gd_chunk(cfg, coef, factors, weights, momentum, first_kernel, u_q, read_residual)
-    coef = chunk_coefficients(x.alpha, x.theta, x.g_win, cfg.window)
-    return _muon_chunk(cfg, coef, x.eta, factors, weights, momentum, u_q, read_residual)
+        y, weights, momentum = _gd_chunk(cfg, coef, factors, weights, momentum, first_kernel, u_q, read_residual)
+    else:
+        coef = chunk_coefficients(x.alpha, x.theta, x.g_win, cfg.window)
+        y, weights, momentum = _muon_chunk(cfg, coef, x.eta, factors, weights, momentum, u_q, read_residual)
+    return y, {**{f"weights.{n}": w for n, w in weights.items()}, **{f"momentum.{n}": m for n, m in momentum.items()}}
 
 
 def _chunk_slices(inputs: _ChunkInputs, start: int, stop: int, window: int) -> _ChunkInputs:
@@ -136,8 +155,8 @@ def _bounds(length: int, size: int) -> List[Tuple[int, int]]:
 
 
 class ChunkLoop(torch.autograd.Function):
-    """forward(cfg, residual, names, a, q, k_win, v_win, g_win, alpha, eta, theta, *weights,
-    *momenta) -> (y [B, H, T, d_v], *final weights, *final momenta); names orders the state.
+    """forward(cfg, residual, block_tokens, a, q, k_win, v_win, g_win, alpha, eta, theta, *state)
+    -> (y [B, H, T, d_v], *final state), the state in `state_keys(cfg)` order.
 
     Checkpointed by chunk: the forward keeps only each chunk's start state (through
     save_for_backward), and the backward recomputes one chunk at a time with autograd, from its
@@ -148,24 +167,22 @@ class ChunkLoop(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, cfg: MemoryConfig, residual: bool, names: Tuple[str, ...], a: Optional[torch.Tensor],
+    def forward(ctx, cfg: MemoryConfig, residual: bool, block_tokens: int, a: Optional[torch.Tensor],
                 q, k_win, v_win, g_win, alpha, eta, theta, *state: torch.Tensor):
         inputs = _ChunkInputs(q, k_win, v_win, g_win, alpha, eta, theta)
-        count = len(names)
+        keys = state_keys(cfg)
 
         def run():
-            weights, momentum = dict(zip(names, state[:count])), dict(zip(names, state[count:]))
-            starts, outputs = [], []
+            current, starts, outputs = dict(zip(keys, state)), [], []
             for start, stop in _bounds(q.shape[2], cfg.chunk):
-                starts += [weights[n] for n in names] + [momentum[n] for n in names]
-                y, weights, momentum = _chunk_step(cfg, residual, a, _chunk_slices(inputs, start, stop, cfg.window),
-                                                   weights, momentum)
+                starts += [current[k] for k in keys]
+                y, current = _chunk_step(cfg, residual, a, _chunk_slices(inputs, start, stop, cfg.window), current,
+                                         (block_tokens + start) % cfg.ns_block)
                 outputs.append(y)
-            return torch.cat(outputs, dim=2), [weights[n] for n in names] + [momentum[n] for n in names], starts
+            return torch.cat(outputs, dim=2), [current[k] for k in keys], starts
 
         (y, final, starts), = run_all([run], q.device)
-        ctx.cfg, ctx.residual, ctx.names = cfg, residual, names
-        ctx.has_theta, ctx.has_a = theta is not None, a is not None
+        ctx.cfg, ctx.residual, ctx.block_tokens = cfg, residual, block_tokens
         ctx.save_for_backward(a, q, k_win, v_win, g_win, alpha, eta, theta, *starts)
         return (y, *final)
 
@@ -173,10 +190,11 @@ class ChunkLoop(torch.autograd.Function):
     @once_differentiable
     @backward_without_autocast
     def backward(ctx, dy: torch.Tensor, *d_final: torch.Tensor):
-        cfg, residual, names = ctx.cfg, ctx.residual, ctx.names
+        cfg, residual = ctx.cfg, ctx.residual
         a, q, k_win, v_win, g_win, alpha, eta, theta, *starts = ctx.saved_tensors
         inputs = _ChunkInputs(q, k_win, v_win, g_win, alpha, eta, theta)
-        count, width = len(names), 2 * len(names)
+        keys = state_keys(cfg)
+        width = len(keys)
 
         def run():
             grads = _ChunkInputs(*(None if t is None else torch.zeros_like(t) for t in inputs))
@@ -190,16 +208,17 @@ class ChunkLoop(torch.autograd.Function):
                     piece = _ChunkInputs(*(None if t is None else t.detach().requires_grad_()
                                            for t in _chunk_slices(inputs, start, stop, cfg.window)))
                     leaf_a = None if a is None else a.detach().requires_grad_()
-                    y, weights, momentum = _chunk_step(cfg, residual, leaf_a, piece, dict(zip(names, state[:count])),
-                                                       dict(zip(names, state[count:])))
-                    outputs = [y] + [weights[m] for m in names] + [momentum[m] for m in names]
+                    y, end = _chunk_step(cfg, residual, leaf_a, piece, dict(zip(keys, state)),
+                                         (ctx.block_tokens + start) % cfg.ns_block)
+                    # a block's sum restarts at zero at its end: such outputs carry no gradient
+                    pairs = [(out, grad) for out, grad in zip([y] + [end[k] for k in keys],
+                                                              [dy[:, :, start:stop]] + d_state) if out.requires_grad]
                     leaves = state + [t for t in piece if t is not None] + ([leaf_a] if leaf_a is not None else [])
-                    got = torch.autograd.grad(outputs, leaves, [dy[:, :, start:stop]] + d_state, allow_unused=True)
+                    got = torch.autograd.grad([o for o, _ in pairs], leaves, [g for _, g in pairs], allow_unused=True)
                 got = [torch.zeros_like(leaf) if g is None else g for g, leaf in zip(got, leaves)]
                 d_state, rest = got[:width], iter(got[width:])
-                for whole, part, (lo, hi) in zip(grads, piece, ((start, stop), (start, stop + cfg.window - 1),
-                                                                (start, stop + cfg.window - 1),
-                                                                (start, stop + cfg.window - 1),
+                window = (start, stop + cfg.window - 1)
+                for whole, part, (lo, hi) in zip(grads, piece, ((start, stop), window, window, window,
                                                                 (start, stop), (start, stop), (start, stop))):
                     if part is not None:
                         whole[:, :, lo:hi] += next(rest)
@@ -211,14 +230,20 @@ class ChunkLoop(torch.autograd.Function):
         return (None, None, None, d_a, *grads, *d_start)
 
 
-def chunk_loop(prep: Prepared, cfg: MemoryConfig
-               ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
-    """Outputs y [B, H, T, d_v] and the final weights and momentum, chunk by chunk (ChunkLoop)."""
-    names = tuple(cfg.weight_names)
+def chunk_loop(prep: Prepared, cfg: MemoryConfig):
+    """Outputs y [B, H, T, d_v], the final weights and momentum, and the open muon_block block
+    (None for other rules), chunk by chunk (ChunkLoop)."""
+    keys = state_keys(cfg)
+    known = {**{f"weights.{n}": w for n, w in prep.state.weights.items()},
+             **{f"momentum.{n}": m for n, m in prep.state.momentum.items()}, **prep.state.block}
     if prep.length == 0:
-        return prep.q.new_zeros(*prep.q.shape[:3], prep.v_win.shape[-1]), prep.state.weights, prep.state.momentum
-    state = [prep.state.weights[n] for n in names] + [prep.state.momentum[n] for n in names]
-    y, *final = ChunkLoop.apply(cfg, prep.residual, names, prep.a, prep.q, prep.k_win, prep.v_win, prep.g_win,
-                                prep.alpha, prep.eta, prep.theta, *state)
-    count = len(names)
-    return y, dict(zip(names, final[:count])), dict(zip(names, final[count:]))
+        final = [known[k] for k in keys]
+        y = prep.q.new_zeros(*prep.q.shape[:3], prep.v_win.shape[-1])
+    else:
+        y, *final = ChunkLoop.apply(cfg, prep.residual, prep.state.block_tokens, prep.a, prep.q, prep.k_win,
+                                    prep.v_win, prep.g_win, prep.alpha, prep.eta, prep.theta, *[known[k] for k in keys])
+    out = dict(zip(keys, final))
+    weights = {n: out[f"weights.{n}"] for n in cfg.weight_names}
+    momentum = {n: out[f"momentum.{n}"] for n in cfg.weight_names}
+    block = {k: v for k, v in out.items() if not k.startswith(("weights.", "momentum."))}
+    return y, weights, momentum, (block if cfg.rule == "muon_block" else None)
