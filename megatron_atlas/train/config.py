@@ -40,6 +40,7 @@ class TrainConfig:
     eval_every: int = 100             # 0 = only at the end
     device: str = "auto"              # auto | cpu | cuda
     precision: str = "auto"           # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    tf32: bool = True                 # CUDA: fp32 matmuls/convolutions on TF32 tensor cores
     out_dir: str = "runs/default"
     save_every: int = 0               # checkpoint every N steps (0: only at the end)
     keep_last: int = 3                # complete checkpoints kept (0: all)

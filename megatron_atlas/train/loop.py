@@ -7,11 +7,10 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import time
 from pathlib import Path
-from typing import Callable, ContextManager, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,11 +29,11 @@ from megatron_atlas.train.distributed import is_main_process, launched_world_siz
 from megatron_atlas.train.flops import mfu, training_flops_per_token
 from megatron_atlas.train.metrics import (MetricsWriter, Progress, format_duration, format_rate,
                                           progress_line)
+from megatron_atlas.train.precision import AutocastFactory, autocast_for, configure_tf32
 from megatron_atlas.train.recompute import checkpoint_blocks
 from megatron_atlas.train.schedule import lr_at
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-AutocastFactory = Callable[[], ContextManager]
 
 
 def _silent(line: str) -> None:
@@ -47,13 +46,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("train.device=cuda but no CUDA device is available; use train.device=cpu")
     return torch.device(name)
-
-
-def autocast_for(device: torch.device, precision: str) -> AutocastFactory:
-    """Parameters and optimizer state stay fp32; `bf16` runs the forward under autocast."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return functools.partial(torch.autocast, device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext
 
 
 def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -174,6 +166,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, log: Callable[[str], None] =
     device = resolve_device(cfg.device)
     if device.type == "cuda" and torch.distributed.is_initialized():
         device = torch.device("cuda", torch.cuda.current_device())
+    configure_tf32(device, cfg.tf32)
     autocast = contextlib.nullcontext if deepspeed else autocast_for(device, cfg.precision)
     out_dir = Path(cfg.out_dir)
     config_yaml = OmegaConf.to_yaml({"model": model_cfg, "train": cfg, "parallel": pcfg})
