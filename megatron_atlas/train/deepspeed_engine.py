@@ -24,6 +24,7 @@ from megatron_atlas.data.synthetic import IGNORE_INDEX
 from megatron_atlas.parallel.state import ParallelState
 from megatron_atlas.train.config import ParallelConfig, TrainConfig
 from megatron_atlas.train.distributed import all_reduce_sum
+from megatron_atlas.train.loss import loss_sum
 from megatron_atlas.train.mpu import DeepSpeedMPU
 from megatron_atlas.train.optim import param_groups
 
@@ -99,16 +100,6 @@ def build_engine(model: torch.nn.Module, pcfg: ParallelConfig, cfg: TrainConfig,
     return engine, optimizer
 
 
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, parallel: ParallelState) -> torch.Tensor:
-    """Summed cross entropy over labelled positions; under TP the logits are this rank's vocab shard."""
-    if parallel.tp_size == 1:
-        from megatron_atlas.train.loop import loss_sum
-        return loss_sum(logits, labels)
-    from megatron_atlas.parallel.cross_entropy import vocab_parallel_cross_entropy
-    per_token = vocab_parallel_cross_entropy(logits.float(), labels, parallel, ignore_index=IGNORE_INDEX)
-    return (per_token * (labels != IGNORE_INDEX)).sum()
-
-
 def unsharded_grad_norm(model: torch.nn.Module, parallel: ParallelState) -> float:
     """Global grad norm when every rank holds whole (DP-averaged) gradients: TP-sharded parameters
     are summed over the TP group, replicated ones counted once."""
@@ -139,7 +130,7 @@ def deepspeed_step(engine, optimizer: GuardedAdamW, micro_batches: Sequence[Batc
     total = torch.zeros((), dtype=torch.float64)
     norm = None
     for j, (input_ids, labels) in enumerate(micro_batches):
-        loss = token_loss_sum(engine(input_ids), labels, parallel) / max(1.0, n_labels)
+        loss = loss_sum(engine(input_ids), labels, parallel) / max(1.0, n_labels)
         engine.backward(loss * scale)
         if j == len(micro_batches) - 1 and engine.zero_optimization_stage() == 0:
             norm = unsharded_grad_norm(engine.module, parallel)   # ZeRO-0 does not report it

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from megatron_atlas.data.sources import build_source, train_order_seed
@@ -27,6 +26,7 @@ from megatron_atlas.train.config import ParallelConfig, TrainConfig
 from megatron_atlas.train.data import TrainStream, fresh_state, upgrade_state
 from megatron_atlas.train.distributed import is_main_process, launched_world_size, setup_parallel, uses_deepspeed
 from megatron_atlas.train.flops import mfu, training_flops_per_token
+from megatron_atlas.train.loss import loss_sum
 from megatron_atlas.train.metrics import (MetricsWriter, Progress, format_duration, format_rate,
                                           progress_line)
 from megatron_atlas.train.precision import AutocastFactory, autocast_for, configure_tf32
@@ -46,12 +46,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("train.device=cuda but no CUDA device is available; use train.device=cpu")
     return torch.device(name)
-
-
-def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed cross entropy over the labelled positions (fp32 whatever the autocast dtype)."""
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
-                           reduction="sum")
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batches: Sequence[Batch],
