@@ -29,6 +29,7 @@ from megatron_atlas.train.flops import mfu, training_flops_per_token
 from megatron_atlas.train.loss import loss_sum
 from megatron_atlas.train.metrics import (MetricsWriter, Progress, format_duration, format_rate,
                                           progress_line)
+from megatron_atlas.train.prefetch import StepPrefetcher
 from megatron_atlas.train.precision import AutocastFactory, autocast_for, configure_tf32
 from megatron_atlas.train.recompute import checkpoint_blocks
 from megatron_atlas.train.schedule import lr_at
@@ -105,10 +106,10 @@ def _resume_path(cfg: TrainConfig, out_dir: Path, log: Callable[[str], None]) ->
     return path
 
 
-def _start_loader(cfg: TrainConfig, resumed: Optional[dict], path: Optional[Path], dp_size: int) -> dict:
+def _start_loader(cfg: TrainConfig, resumed: Optional[dict], path: Optional[Path]) -> dict:
     """Loader state to start from: the checkpoint's (checked against this run), or a fresh one."""
     if resumed is None:
-        return fresh_state(cfg.data, seed=cfg.seed, micro_batch_size=cfg.micro_batch_size, dp_size=dp_size)
+        return fresh_state(cfg.data, seed=cfg.seed)
     loader = upgrade_state(resumed)
     expected = train_order_seed(cfg.data, cfg.seed)
     if loader["seed"] != expected:
@@ -184,7 +185,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, log: Callable[[str], None] =
     start_step = backend.start_step
     if resume is not None:
         log(f"resumed from {resume} at step {start_step}")
-    loader = _start_loader(cfg, backend.loader, resume, parallel.dp_size)
+    loader = _start_loader(cfg, backend.loader, resume)
     stream = TrainStream(cfg.data, loader, micro_batch_size=cfg.micro_batch_size, seq_len=cfg.seq_len,
                          model_vocab=model_cfg.vocab_size, dp_rank=parallel.dp_rank, dp_size=parallel.dp_size)
     eval_source = build_source(cfg.data, seed=cfg.data.eval_seed, split="eval", batch_size=cfg.micro_batch_size,
@@ -215,52 +216,59 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, log: Callable[[str], None] =
     result: dict[str, float] = {}
     record: dict[str, float] = {}
     bad_in_a_row = skipped = 0
-    for step in range(start_step, cfg.steps):
-        lr = lr_at(step, cfg)
+
+    def step_batches(step: int) -> list[Batch]:   # a pure function of the step: built ahead by a thread
         first = (step - start_step) * cfg.grad_accum
-        batches = [_to(stream.batch(first + j), device) for j in range(cfg.grad_accum)]
-        loss, grad_norm = backend.step(batches, lr)
-        done = step + 1
-        finite = math.isfinite(loss) and math.isfinite(grad_norm)
-        if finite:
-            bad_in_a_row = 0
-            progress.add(loss)
-        else:   # train_step took no optimizer step: the parameters are those before this batch
-            bad_in_a_row, skipped = bad_in_a_row + 1, skipped + 1
-            metrics.write("skipped", step=done, loss=loss, grad_norm=grad_norm, in_a_row=bad_in_a_row)
-            log(f"step {done}: loss {loss}, grad norm {grad_norm}: skipped ({bad_in_a_row} in a row)")
-            if bad_in_a_row >= cfg.max_bad_steps:
-                metrics.close()
-                raise FloatingPointError(
-                    f"{bad_in_a_row} steps in a row with a non-finite loss or gradient (last: step {done}); "
-                    f"stopping (train.max_bad_steps={cfg.max_bad_steps}). The last checkpoint is in "
-                    f"{out_dir / 'checkpoints'}; try a lower train.lr or model.memory.max_lr")
+        return [stream.batch(first + j) for j in range(cfg.grad_accum)]
+    prefetch = StepPrefetcher(step_batches, range(start_step, last_step), device, cfg.prefetch_steps)
+    try:
+        for step in range(start_step, last_step):
+            lr = lr_at(step, cfg)
+            batches = prefetch.next()
+            loss, grad_norm = backend.step(batches, lr)
+            done = step + 1
+            finite = math.isfinite(loss) and math.isfinite(grad_norm)
+            if finite:
+                bad_in_a_row = 0
+                progress.add(loss)
+            else:   # train_step took no optimizer step: the parameters are those before this batch
+                bad_in_a_row, skipped = bad_in_a_row + 1, skipped + 1
+                metrics.write("skipped", step=done, loss=loss, grad_norm=grad_norm, in_a_row=bad_in_a_row)
+                log(f"step {done}: loss {loss}, grad norm {grad_norm}: skipped ({bad_in_a_row} in a row)")
+                if bad_in_a_row >= cfg.max_bad_steps:
+                    metrics.close()
+                    raise FloatingPointError(
+                        f"{bad_in_a_row} steps in a row with a non-finite loss or gradient (last: step {done}); "
+                        f"stopping (train.max_bad_steps={cfg.max_bad_steps}). The last checkpoint is in "
+                        f"{out_dir / 'checkpoints'}; try a lower train.lr or model.memory.max_lr")
 
-        exiting = done == cfg.exit_at_step
-        # a skipped step still reaches the evaluation and checkpoint that fall on it
-        if finite and (done % cfg.log_every == 0 or done in (start_step + 1, cfg.steps) or exiting):
-            record = progress.report()
-            record["mfu"] = mfu(flops_per_token, record["tokens_per_s"], cfg.peak_tflops)
-            log(progress_line(done, cfg.steps, record["loss"], lr, grad_norm, record["tokens_per_s"],
-                              record["eta_s"], record["mfu"]))
-            metrics.write("train", step=done, lr=lr, grad_norm=grad_norm, tokens=done * tokens_per_step,
-                          flops=done * tokens_per_step * flops_per_token, **record)
+            exiting = done == cfg.exit_at_step
+            # a skipped step still reaches the evaluation and checkpoint that fall on it
+            if finite and (done % cfg.log_every == 0 or done in (start_step + 1, cfg.steps) or exiting):
+                record = progress.report()
+                record["mfu"] = mfu(flops_per_token, record["tokens_per_s"], cfg.peak_tflops)
+                log(progress_line(done, cfg.steps, record["loss"], lr, grad_norm, record["tokens_per_s"],
+                                  record["eta_s"], record["mfu"]))
+                metrics.write("train", step=done, lr=lr, grad_norm=grad_norm, tokens=done * tokens_per_step,
+                              flops=done * tokens_per_step * flops_per_token, **record)
 
-        if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps or exiting:
-            eval_start = time.perf_counter()
-            result = evaluate(eval_model, eval_batches, autocast)
-            progress.exclude(time.perf_counter() - eval_start)
-            log(f"eval step {done} | loss {result['loss']:.4f} | ppl {result['perplexity']:.2f} | "
-                f"accuracy {result['accuracy']:.3f}")
-            metrics.write("eval", step=done, **result)
+            if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps or exiting:
+                eval_start = time.perf_counter()
+                result = evaluate(eval_model, eval_batches, autocast)
+                progress.exclude(time.perf_counter() - eval_start)
+                log(f"eval step {done} | loss {result['loss']:.4f} | ppl {result['perplexity']:.2f} | "
+                    f"accuracy {result['accuracy']:.3f}")
+                metrics.write("eval", step=done, **result)
 
-        if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps or exiting:
-            path = backend.save(out_dir, done, stream.state((done - start_step) * cfg.grad_accum),
-                                config_yaml, cfg.keep_last)
-            log(f"checkpoint step {done} -> {path}")
-        if exiting:
-            log(f"train.exit_at_step={done}: stopping; continue with train.resume=auto")
-            break
+            if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps or exiting:
+                path = backend.save(out_dir, done, stream.state((done - start_step) * cfg.grad_accum),
+                                    config_yaml, cfg.keep_last)
+                log(f"checkpoint step {done} -> {path}")
+            if exiting:
+                log(f"train.exit_at_step={done}: stopping; continue with train.resume=auto")
+                break
+    finally:
+        prefetch.close()
 
     # first: the first step's loss; final: the mean over the last logging interval (less noisy).
     elapsed = time.perf_counter() - progress.start
