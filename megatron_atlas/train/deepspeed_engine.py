@@ -1,7 +1,9 @@
 """Training through DeepSpeed: the engine, one optimizer step, and DeepSpeed checkpoints.
 
 - ZeRO stage and communication knobs come from `configs/deepspeed/<name>.json`; batch sizes,
-  gradient clipping and bf16 are filled in from the train config so the two can never disagree.
+  gradient clipping and precision are filled in from the train config so the two can never
+  disagree. bf16 is DeepSpeed's `torch_autocast` (fp32 module, gradients and reductions), the
+  numerics of the native loop's autocast.
 - The optimizer is the project's AdamW (its decay groups) passed as a client optimizer, which also
   runs on CPU; the learning rate follows the project's schedule, set before every step.
 - A step whose gradients are not finite on any rank is skipped inside the optimizer
@@ -27,6 +29,7 @@ from megatron_atlas.train.distributed import all_reduce_sum
 from megatron_atlas.train.loss import loss_sum
 from megatron_atlas.train.mpu import DeepSpeedMPU
 from megatron_atlas.train.optim import param_groups
+from megatron_atlas.train.precision import uses_bf16
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -51,10 +54,6 @@ class GuardedAdamW(torch.optim.AdamW):
         return None if self.skipped else super().step(closure)
 
 
-def use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
-    return device.type == "cuda" and cfg.precision in ("auto", "bf16")
-
-
 def deepspeed_config(pcfg: ParallelConfig, cfg: TrainConfig, dp_size: int, bf16: bool) -> dict:
     ds = json.loads(deepspeed_config_path(pcfg.deepspeed_config_name).read_text())
     stage = ds.setdefault("zero_optimization", {}).setdefault("stage", pcfg.zero_stage)
@@ -66,7 +65,13 @@ def deepspeed_config(pcfg: ParallelConfig, cfg: TrainConfig, dp_size: int, bf16:
               train_batch_size=cfg.micro_batch_size * cfg.grad_accum * dp_size,
               gradient_clipping=cfg.grad_clip,
               zero_allow_untested_optimizer=True)
-    ds["bf16"] = {"enabled": bf16}
+    # bf16 as torch autocast, exactly as the native loop runs it: the module, its gradients (and
+    # their accumulation over micro-batches), the DP reduction and the optimizer stay fp32. DeepSpeed's
+    # own `bf16` mode would cast the whole module to bf16 and accumulate gradients in bf16.
+    ds["bf16"] = {"enabled": False}
+    ds["fp16"] = {"enabled": False}
+    ds["torch_autocast"] = {"enabled": bf16, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+    ds["data_types"] = {"grad_accum_dtype": "fp32"}
     return ds
 
 
@@ -94,7 +99,7 @@ def build_engine(model: torch.nn.Module, pcfg: ParallelConfig, cfg: TrainConfig,
     mark_sequence_parallel_grads(model, parallel)
     optimizer = GuardedAdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                              eps=cfg.eps)
-    config = deepspeed_config(pcfg, cfg, parallel.dp_size, use_bf16(cfg, device))
+    config = deepspeed_config(pcfg, cfg, parallel.dp_size, uses_bf16(device, cfg.precision))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
                                            mpu=DeepSpeedMPU(parallel), dist_init_required=False)
     return engine, optimizer
