@@ -6,8 +6,9 @@
   numerics of the native loop's autocast.
 - The optimizer is the project's AdamW (its decay groups) passed as a client optimizer, which also
   runs on CPU; the learning rate follows the project's schedule, set before every step.
-- A step whose gradients are not finite on any rank is skipped inside the optimizer
-  (`GuardedAdamW`), because DeepSpeed (fp32/bf16) would otherwise apply it.
+- A step whose loss or global grad norm is not finite on any rank is skipped inside the optimizer
+  (`GuardedAdamW`, decided once for all parameter groups and ranks), because DeepSpeed would
+  otherwise apply it to some groups at least.
 - Loss scaling: DeepSpeed averages gradients over the DP group and divides the loss by the number
   of accumulation steps, so each rank back-propagates `its summed loss * dp * accum / labels in
   the global step`; the gradient is then exactly the one-process gradient of the global batch.
@@ -15,7 +16,6 @@
 from __future__ import annotations
 
 import json
-import math
 from typing import Sequence
 
 import torch
@@ -24,34 +24,16 @@ import torch.distributed as dist
 from megatron_atlas.configs import deepspeed_config_path
 from megatron_atlas.data.synthetic import IGNORE_INDEX
 from megatron_atlas.parallel.state import ParallelState
+from megatron_atlas.train.backends import StepResult
 from megatron_atlas.train.config import ParallelConfig, TrainConfig
 from megatron_atlas.train.distributed import all_reduce_sum
+from megatron_atlas.train.guarded import GuardedAdamW, Norm
 from megatron_atlas.train.loss import loss_sum
 from megatron_atlas.train.mpu import DeepSpeedMPU
 from megatron_atlas.train.optim import param_groups
 from megatron_atlas.train.precision import uses_bf16
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-
-
-class GuardedAdamW(torch.optim.AdamW):
-    """AdamW that skips its step (on every rank together) when any rank holds a non-finite gradient.
-
-    DeepSpeed calls `step` on every rank at the same point (each on its own ZeRO partition), so the
-    all-reduce of the flag here is safe; the parameters then stay those before the bad batch."""
-
-    skipped = False
-
-    def step(self, closure=None):
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        device = grads[0].device if grads else torch.device("cpu")
-        bad = torch.zeros((), device=device)
-        for g in grads:
-            bad += (~torch.isfinite(g)).any()
-        if dist.is_initialized():
-            dist.all_reduce(bad)
-        self.skipped = bool(bad.item() > 0)
-        return None if self.skipped else super().step(closure)
 
 
 def deepspeed_config(pcfg: ParallelConfig, cfg: TrainConfig, dp_size: int, bf16: bool) -> dict:
@@ -105,43 +87,48 @@ def build_engine(model: torch.nn.Module, pcfg: ParallelConfig, cfg: TrainConfig,
     return engine, optimizer
 
 
-def unsharded_grad_norm(model: torch.nn.Module, parallel: ParallelState) -> float:
-    """Global grad norm when every rank holds whole (DP-averaged) gradients: TP-sharded parameters
-    are summed over the TP group, replicated ones counted once."""
-    sharded = torch.zeros((), dtype=torch.float64)
-    replicated = torch.zeros((), dtype=torch.float64)
+def unsharded_grad_norm(model: torch.nn.Module, parallel: ParallelState) -> torch.Tensor:
+    """Global grad norm (on the device) when every rank holds whole (DP-averaged) gradients:
+    TP-sharded parameters are summed over the TP group, replicated ones counted once."""
+    sharded, replicated = [], []
     for p in model.parameters():
-        if p.grad is None:
-            continue
-        sq = p.grad.detach().double().pow(2).sum().cpu()
-        if getattr(p, "tensor_model_parallel", False):
-            sharded += sq
-        else:
-            replicated += sq
+        if p.grad is not None:
+            (sharded if getattr(p, "tensor_model_parallel", False) else replicated).append(p.grad)
+    device = next(model.parameters()).device
+    sq = [torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]).square().sum()
+          if grads else torch.zeros((), device=device) for grads in (sharded, replicated)]
     if parallel.tp_size > 1:
-        sharded = all_reduce_sum(sharded, parallel.tp_group)
-    return float((sharded + replicated).sqrt())
+        sq[0] = all_reduce_sum(sq[0], parallel.tp_group)
+    return (sq[0] + sq[1]).sqrt()
+
+
+def _zero_grad_norm(engine) -> Norm:
+    """The global grad norm a ZeRO optimizer computed over all groups and ranks in this step,
+    before it steps any group (inf when it found a non-finite gradient)."""
+    return engine.optimizer._global_grad_norm
 
 
 def deepspeed_step(engine, optimizer: GuardedAdamW, micro_batches: Sequence[Batch], parallel: ParallelState,
-                   lr: float) -> tuple[float, float]:
-    """One optimizer step over this rank's micro-batches; returns (global mean loss, grad norm).
-    A skipped step (non-finite gradients somewhere) reports a non-finite grad norm."""
+                   lr: float) -> StepResult:
+    """One optimizer step over this rank's micro-batches: the global mean loss and grad norm stay
+    on the device (no host read per micro-batch or parameter); the only host read is the
+    optimizer's skip decision. A skipped step changed no parameter on any rank."""
     for group in engine.optimizer.param_groups:
         group["lr"] = lr
     local = sum((labels != IGNORE_INDEX).sum() for _, labels in micro_batches)
-    n_labels = float(all_reduce_sum(torch.as_tensor(local, dtype=torch.float64), parallel.dp_group))
+    n_labels = all_reduce_sum(local, parallel.dp_group).clamp(min=1)
     scale = parallel.dp_size * len(micro_batches)   # undoes DeepSpeed's mean over DP and accumulation
-    total = torch.zeros((), dtype=torch.float64)
-    norm = None
+    stage0 = engine.zero_optimization_stage() == 0
+    total, norm = None, None
     for j, (input_ids, labels) in enumerate(micro_batches):
-        loss = loss_sum(engine(input_ids), labels, parallel) / max(1.0, n_labels)
+        loss = loss_sum(engine(input_ids), labels, parallel) / n_labels
         engine.backward(loss * scale)
-        if j == len(micro_batches) - 1 and engine.zero_optimization_stage() == 0:
-            norm = unsharded_grad_norm(engine.module, parallel)   # ZeRO-0 does not report it
+        total = loss.detach() if total is None else total + loss.detach()
+        if j == len(micro_batches) - 1:   # the accumulation boundary: engine.step() steps the optimizer
+            if stage0:   # ZeRO-0 holds whole gradients and reports no norm
+                norm = unsharded_grad_norm(engine.module, parallel)
+            optimizer.arm((lambda: norm) if stage0 else (lambda: _zero_grad_norm(engine)), total)
         engine.step()
-        total += loss.detach().double().cpu()
-    loss = float(all_reduce_sum(total, parallel.dp_group))
-    norm = engine.get_global_grad_norm() if norm is None else norm
-    grad_norm = math.nan if optimizer.skipped else float(norm if norm is not None else math.nan)
-    return loss, grad_norm
+    if not stage0:
+        norm = torch.as_tensor(engine.get_global_grad_norm(), dtype=torch.float32)
+    return StepResult(all_reduce_sum(total, parallel.dp_group), norm, optimizer.skipped)

@@ -20,7 +20,7 @@ from megatron_atlas.data.synthetic import IGNORE_INDEX, accuracy
 from megatron_atlas.model import build_model, resolve_ffn_hidden
 from megatron_atlas.model.config import ModelConfig
 from megatron_atlas.parallel.state import ParallelState
-from megatron_atlas.train.backends import DeepSpeedBackend, NativeBackend
+from megatron_atlas.train.backends import DeepSpeedBackend, NativeBackend, StepResult
 from megatron_atlas.train.checkpoint import find_latest
 from megatron_atlas.train.config import ParallelConfig, TrainConfig
 from megatron_atlas.train.data import TrainStream, fresh_state, upgrade_state
@@ -50,27 +50,30 @@ def resolve_device(name: str) -> torch.device:
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batches: Sequence[Batch],
-               grad_clip: float, autocast: AutocastFactory = contextlib.nullcontext) -> tuple[float, float]:
-    """Forward/backward every micro-batch, clip, step. Returns (loss, grad norm before clipping).
+               grad_clip: float, autocast: AutocastFactory = contextlib.nullcontext) -> StepResult:
+    """Forward/backward every micro-batch, clip, step; the loss and the grad norm (before clipping)
+    stay on the device.
 
     Each micro-batch's summed loss is divided by the labelled-token count of the whole step, so the
     accumulated gradient is exactly that of one batch holding all micro-batches, however the labels
-    are spread over them. The optimizer does not step when the grad norm is not finite.
+    are spread over them. The optimizer does not step when the loss or the grad norm is not finite:
+    that is the step's one host read.
     """
-    n_labels = int(sum((labels != IGNORE_INDEX).sum() for _, labels in micro_batches))   # one sync
+    n_labels = sum((labels != IGNORE_INDEX).sum() for _, labels in micro_batches).clamp(min=1)
     optimizer.zero_grad(set_to_none=True)
-    total = 0.0
+    total = None
     for input_ids, labels in micro_batches:
         with autocast():
             logits = model(input_ids)
-        loss = loss_sum(logits, labels) / max(1, n_labels)
+        loss = loss_sum(logits, labels) / n_labels
         loss.backward()
-        total = total + loss.detach()   # stays on the device: no sync per micro-batch
+        total = loss.detach() if total is None else total + loss.detach()
     max_norm = grad_clip if grad_clip > 0 else float("inf")   # inf: measure the norm, clip nothing
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
-    if math.isfinite(grad_norm):   # a nan/inf step would poison every parameter; the caller stops
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    skipped = bool(~(torch.isfinite(grad_norm) & torch.isfinite(total)))
+    if not skipped:   # a nan/inf step would poison every parameter; the caller counts it
         optimizer.step()
-    return float(total), grad_norm
+    return StepResult(total, grad_norm, skipped)
 
 
 @torch.no_grad()
@@ -225,13 +228,14 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, log: Callable[[str], None] =
         for step in range(start_step, last_step):
             lr = lr_at(step, cfg)
             batches = prefetch.next()
-            loss, grad_norm = backend.step(batches, lr)
+            result = backend.step(batches, lr)
             done = step + 1
-            finite = math.isfinite(loss) and math.isfinite(grad_norm)
+            finite = not result.skipped
             if finite:
                 bad_in_a_row = 0
-                progress.add(loss)
-            else:   # train_step took no optimizer step: the parameters are those before this batch
+                progress.add(result.loss)   # read at the next report, not now
+            else:   # no optimizer step was taken: the parameters are those before this batch
+                loss, grad_norm = float(result.loss), float(result.grad_norm)
                 bad_in_a_row, skipped = bad_in_a_row + 1, skipped + 1
                 metrics.write("skipped", step=done, loss=loss, grad_norm=grad_norm, in_a_row=bad_in_a_row)
                 log(f"step {done}: loss {loss}, grad norm {grad_norm}: skipped ({bad_in_a_row} in a row)")
@@ -245,7 +249,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, log: Callable[[str], None] =
             exiting = done == cfg.exit_at_step
             # a skipped step still reaches the evaluation and checkpoint that fall on it
             if finite and (done % cfg.log_every == 0 or done in (start_step + 1, cfg.steps) or exiting):
-                record = progress.report()
+                record = progress.report()   # the interval's one host read of the losses
+                grad_norm = float(result.grad_norm)
                 record["mfu"] = mfu(flops_per_token, record["tokens_per_s"], cfg.peak_tflops)
                 log(progress_line(done, cfg.steps, record["loss"], lr, grad_norm, record["tokens_per_s"],
                                   record["eta_s"], record["mfu"]))
