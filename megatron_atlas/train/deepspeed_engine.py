@@ -15,8 +15,9 @@
 """
 from __future__ import annotations
 
+import argparse
 import json
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -82,9 +83,16 @@ def build_engine(model: torch.nn.Module, pcfg: ParallelConfig, cfg: TrainConfig,
     optimizer = GuardedAdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                              eps=cfg.eps)
     config = deepspeed_config(pcfg, cfg, parallel.dp_size, uses_bf16(device, cfg.precision))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
-                                           mpu=DeepSpeedMPU(parallel), dist_init_required=False)
+    engine, _, _, _ = deepspeed.initialize(args=deepspeed_args(device), model=model, optimizer=optimizer,
+                                           config=config, mpu=DeepSpeedMPU(parallel), dist_init_required=False)
     return engine, optimizer
+
+
+def deepspeed_args(device: torch.device) -> Optional[argparse.Namespace]:
+    """DeepSpeed puts the engine on CUDA device LOCAL_RANK unless told `device_rank`: under a
+    Slurm GPU binding that device does not exist (the task's GPU is device 0), so pass the one
+    `init_distributed` chose."""
+    return argparse.Namespace(device_rank=device.index) if device.type == "cuda" else None
 
 
 def unsharded_grad_norm(model: torch.nn.Module, parallel: ParallelState) -> torch.Tensor:
