@@ -20,7 +20,6 @@ import json
 from typing import Optional, Sequence
 
 import torch
-import torch.distributed as dist
 
 from megatron_atlas.configs import deepspeed_config_path
 from megatron_atlas.data.synthetic import IGNORE_INDEX
@@ -58,28 +57,10 @@ def deepspeed_config(pcfg: ParallelConfig, cfg: TrainConfig, dp_size: int, bf16:
     return ds
 
 
-def mark_sequence_parallel_grads(model: torch.nn.Module, parallel: ParallelState) -> None:
-    """Parameters replicated over TP but fed only this rank's sequence shard (`sequence_parallel`
-    attribute) need their gradient summed over the TP group. A hook on the parameter does it as the
-    gradient is produced, before any ZeRO stage moves it into its buckets."""
-    if not parallel.sequence_parallel or parallel.tp_size == 1:
-        return
-    for p in model.parameters():
-        if getattr(p, "sequence_parallel", False) and p.requires_grad:
-            p.register_hook(lambda g: _all_reduced(g, parallel.tp_group))
-
-
-def _all_reduced(grad: torch.Tensor, group) -> torch.Tensor:
-    grad = grad.contiguous().clone()
-    dist.all_reduce(grad, group=group)
-    return grad
-
-
 def build_engine(model: torch.nn.Module, pcfg: ParallelConfig, cfg: TrainConfig, parallel: ParallelState,
                  device: torch.device):
     import deepspeed   # heavy; only for DeepSpeed runs
 
-    mark_sequence_parallel_grads(model, parallel)
     optimizer = GuardedAdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                              eps=cfg.eps)
     config = deepspeed_config(pcfg, cfg, parallel.dp_size, uses_bf16(device, cfg.precision))

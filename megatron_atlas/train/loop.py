@@ -19,6 +19,7 @@ from megatron_atlas.data.sources import build_source, train_order_seed
 from megatron_atlas.data.synthetic import IGNORE_INDEX, accuracy
 from megatron_atlas.model import build_model, resolve_ffn_hidden
 from megatron_atlas.model.config import ModelConfig
+from megatron_atlas.parallel.grads import reduce_sequence_parallel_grads
 from megatron_atlas.parallel.state import ParallelState
 from megatron_atlas.train.backends import DeepSpeedBackend, NativeBackend, StepResult
 from megatron_atlas.train.checkpoint import find_latest
@@ -147,7 +148,9 @@ class _NoMetrics:
 def _build_model(model_cfg: ModelConfig, parallel: ParallelState, device: torch.device) -> torch.nn.Module:
     if parallel.tp_size == 1 and parallel.cp_size == 1:
         return build_model(model_cfg).to(device)
-    return build_model(model_cfg, parallel=parallel).to(device)   # the tensor-parallel model
+    model = build_model(model_cfg, parallel=parallel).to(device)   # the tensor-parallel model
+    reduce_sequence_parallel_grads(model, parallel)   # before any engine wraps it
+    return model
 
 
 def train(model_cfg: ModelConfig, cfg: TrainConfig, log: Callable[[str], None] = print,
