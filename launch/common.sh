@@ -35,17 +35,36 @@ parse_args() {
   fi
 }
 
-default_nproc() {
-  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-    nvidia-smi -L | wc -l
-  else
-    echo 1
+# GPUs this process may use: the GPU lines of `nvidia-smi -L` (its MIG lines are instances of
+# those GPUs, not more GPUs), limited by CUDA_VISIBLE_DEVICES when it is set (CUDA enumerates its
+# entries up to the first invalid one; "" or "-1" hides every GPU); 0 without nvidia-smi.
+gpu_count() {
+  local physical=0 visible=0 entry
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    physical=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true)
   fi
+  if [[ -z "${CUDA_VISIBLE_DEVICES+set}" ]]; then
+    echo "$physical"; return
+  fi
+  local entries=()
+  IFS=',' read -r -a entries <<< "$CUDA_VISIBLE_DEVICES"
+  for entry in "${entries[@]}"; do
+    entry=${entry//[[:space:]]/}
+    [[ "$entry" =~ ^([0-9]+|GPU-.+|MIG-.+)$ ]] || break
+    visible=$((visible + 1))
+  done
+  echo $((visible < physical ? visible : physical))
+}
+
+default_nproc() {
+  local gpus
+  gpus=$(gpu_count)
+  echo $((gpus > 0 ? gpus : 1))
 }
 
 # On CPU-only machines DeepSpeed must be told to use its CPU accelerator (gloo).
 cpu_environment() {
-  if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
+  if (( $(gpu_count) == 0 )); then
     export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
   fi
 }

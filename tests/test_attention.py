@@ -174,3 +174,17 @@ def test_flash_not_applicable_raises():
         causal_attention(q, k, v, 2, backend="flash")
     with pytest.raises(ValueError, match="flash"):
         causal_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), None, backend="flash")
+
+
+def test_flash_limits_name_what_rules_flash_out(monkeypatch):
+    from megatron_atlas.model import attention
+    monkeypatch.setattr(attention, "flash_attn_func", object())   # as if flash-attn were installed
+    ok = dict(head_dim=128, dtype=torch.bfloat16, n_sink=0, capability=(9, 0))
+    assert attention.flash_unsupported(**ok) is None
+    assert attention.flash_unsupported(**{**ok, "head_dim": 256}) is None
+    cases = {"head_dim <= 256, got 320": {"head_dim": 320}, "fp16/bf16": {"dtype": torch.float32},
+             "sink": {"n_sink": 2}, "CUDA tensor": {"capability": None}, "8.0, this GPU has 7.5": {"capability": (7, 5)}}
+    for message, change in cases.items():
+        assert message in attention.flash_unsupported(**{**ok, **change}), change
+    monkeypatch.setattr(attention, "flash_attn_func", None)
+    assert attention.flash_unsupported(**ok) == "flash_attn is not installed"

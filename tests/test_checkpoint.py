@@ -37,11 +37,19 @@ def _assert_same_weights(a: dict, b: dict) -> None:
 
 
 def test_resume_is_bit_exact(tmp_path):
-    straight = _run(tmp_path / "straight", "train.steps=8")
+    # the straight run builds its batches inline; the other 3 steps ahead on the prefetch thread,
+    # which had built the batches of steps 5-7 when its step-4 checkpoint was written
+    straight = _run(tmp_path / "straight", "train.steps=8", "train.prefetch_steps=0")
+    ahead = _run(tmp_path / "ahead", "train.steps=8", "train.save_every=4", "train.prefetch_steps=3")
+    assert ahead["losses"] == straight["losses"]
+    step4 = tmp_path / "ahead" / "checkpoints" / "step-00000004"
+    assert load_checkpoint(step4)["loader"]["consumed"] == 4 * 2   # the samples consumed, not built
     first = _run(tmp_path / "split", "train.steps=8", "train.exit_at_step=4")
-    second = _run(tmp_path / "split", "train.steps=8", "train.resume=auto")
+    second = _run(tmp_path / "split", "train.steps=8", "train.resume=auto", "train.prefetch_steps=3")
+    from_ahead = _run(tmp_path / "from-ahead", "train.steps=8", f"train.resume={step4}")
     assert len(straight["losses"]) == 8 and len(second["losses"]) == 4
     assert first["losses"] + second["losses"] == straight["losses"]       # identical floats
+    assert from_ahead["losses"] == straight["losses"][4:]
     _assert_same_weights(_final_weights(tmp_path / "straight"), _final_weights(tmp_path / "split"))
     # the optimizer moments went through the checkpoint too
     a = load_checkpoint(find_latest(tmp_path / "straight"))["optimizer"]["state"]

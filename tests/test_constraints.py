@@ -33,3 +33,9 @@ def test_every_requirement_is_pinned_within_its_range_except_torch():
 def test_ci_and_readme_install_through_the_constraints():
     assert "-c constraints.txt -r requirements.txt" in (REPO / ".ci" / "run").read_text()
     assert "-c constraints.txt -r requirements.txt" in (REPO / "README.md").read_text()
+
+
+def test_torch_floor_has_the_apis_the_code_calls():
+    # attention passes enable_gqa= to scaled_dot_product_attention, which torch 2.5 introduced
+    (torch,) = [Requirement(l) for l in _lines("requirements.txt") if Requirement(l).name == "torch"]
+    assert not torch.specifier.contains("2.4.1") and torch.specifier.contains("2.5.0")

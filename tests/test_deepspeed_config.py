@@ -42,7 +42,9 @@ def test_deepspeed_config_takes_batch_clipping_and_precision_from_train():
                                              "train.grad_clip=0.5"], parallel="zero2")
     ds = deepspeed_config(to_parallel_config(cfg), to_train_config(cfg), dp_size=4, bf16=True)
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (3, 2, 24)
-    assert ds["gradient_clipping"] == 0.5 and ds["bf16"] == {"enabled": True}
+    assert ds["gradient_clipping"] == 0.5 and ds["bf16"] == {"enabled": False}   # never a bf16 module
+    assert ds["torch_autocast"]["enabled"] and ds["torch_autocast"]["dtype"] == "bfloat16"
+    assert ds["data_types"] == {"grad_accum_dtype": "fp32"}
     assert ds["zero_optimization"]["stage"] == 2
     mismatched = compose("titans", "tiny", "tiny", ["parallel.deepspeed=zero1"], parallel="zero2")
     with pytest.raises(ValueError, match="sets ZeRO stage 1 but parallel.zero_stage=2"):

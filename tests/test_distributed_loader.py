@@ -56,16 +56,35 @@ def test_resume_on_another_dp_size_continues_the_global_sequence(kind, shard_dir
         assert sorted(ids[:n]) == list(range(n))   # one epoch sees every sample once
 
 
-def test_single_process_stream_is_unchanged_and_old_states_upgrade():
-    """dp=1: micro-batch k is the source's batch k, as before data parallelism existed."""
+def test_mqar_samples_come_from_their_position_and_old_block_states_continue():
+    """A fresh MQAR stream generates sample i from (seed, i) alone; a state written when samples
+    were generated micro_batch_size x dp_size at a time (block 3 here) continues that stream."""
     from megatron_atlas.data.synthetic import MQARSource
     cfg = _config("synthetic_mqar", None)
-    stream = TrainStream(cfg, fresh_state(cfg, seed=5, micro_batch_size=3, dp_size=1), micro_batch_size=3,
-                         seq_len=16, model_vocab=64)
+    stream = TrainStream(cfg, fresh_state(cfg, seed=5), micro_batch_size=3, seq_len=16, model_vocab=64)
+    one = MQARSource(1, 16, 64, 2, seed=5)
+    assert all(torch.equal(stream.batch(k)[0], torch.cat([one.batch(3 * k + r)[0] for r in range(3)]))
+               for k in range(4))
     plain = MQARSource(3, 16, 64, 2, seed=5)
-    assert all(torch.equal(stream.batch(k)[0], plain.batch(k)[0]) for k in range(4))
     old = {"seed": 5, "micro_batch_size": 3, "micro_batches": 7}
     assert upgrade_state(old) == {"seed": 5, "epoch": 0, "consumed": 21, "block": 3}
     again = TrainStream(cfg, upgrade_state(old), micro_batch_size=3, seq_len=16, model_vocab=64)
     assert torch.equal(again.batch(0)[1], plain.batch(7)[1])
     assert np.array_equal(stream.state(7)["consumed"], 21)
+
+
+def test_each_dp_rank_generates_only_its_own_mqar_rows(monkeypatch):
+    from megatron_atlas.data import synthetic
+    cfg = _config("synthetic_mqar", None)
+    generated = []
+    real = synthetic.mqar_batch
+
+    def counted(batch_size, *args, **kwargs):
+        generated.append(batch_size)
+        return real(batch_size, *args, **kwargs)
+    monkeypatch.setattr(synthetic, "mqar_batch", counted)
+    rank = TrainStream(cfg, fresh_state(cfg, seed=1), micro_batch_size=2, seq_len=16, model_vocab=64,
+                       dp_rank=3, dp_size=4)
+    for k in range(3):
+        rank.batch(k)
+    assert sum(generated) == 3 * 2   # its 2 rows per micro-batch, not the 8 of the global batch

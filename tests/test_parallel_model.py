@@ -12,7 +12,7 @@ from megatron_atlas.model import build_model
 from megatron_atlas.parallel import ParallelConfigError, ParallelState, build_parallel_state
 from megatron_atlas.parallel.collectives import all_gather, record_comm
 from megatron_atlas.parallel.cross_entropy import vocab_parallel_cross_entropy
-from megatron_atlas.parallel.grads import allreduce_sequence_parallel_grads
+from megatron_atlas.parallel.grads import reduce_sequence_parallel_grads
 from megatron_atlas.parallel.layers import gather_logits
 from megatron_atlas.parallel.sharding import partition_dims
 from megatron_atlas.parallel.local_launch import run_local
@@ -51,6 +51,7 @@ def _check_case(preset: str, overrides, states, rank: int) -> None:
         where = f"{preset}{list(overrides)} {parallel.describe()}"
         torch.manual_seed(0)
         model = build_model(cfg, parallel=parallel)
+        reduce_sequence_parallel_grads(model, parallel)   # the training loop's path
         params = dict(model.named_parameters())
         for name, weight in _gathered(model, {n: p.detach() for n, p in params.items()}, parallel).items():
             assert torch.equal(weight, ref_weights[name].detach()), f"{where}: init of {name} differs"
@@ -61,7 +62,6 @@ def _check_case(preset: str, overrides, states, rank: int) -> None:
         loss = vocab_parallel_cross_entropy(local_logits, ids[:, 1:], parallel).mean()
         torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
         loss.backward()
-        allreduce_sequence_parallel_grads(model, parallel)
         grads = _gathered(model, {n: p.grad for n, p in params.items()}, parallel)
         for name, grad in grads.items():
             torch.testing.assert_close(grad, ref_weights[name].grad, atol=1e-5, rtol=1e-5,

@@ -82,8 +82,9 @@ def test_gradient_accumulation_equals_one_big_batch():
         torch.manual_seed(0)
         model = build_model(model_cfg)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-        loss, _ = train_step(model, optimizer, micro_batches, grad_clip=0.0)
-        losses.append(loss)
+        result = train_step(model, optimizer, micro_batches, grad_clip=0.0)
+        assert not result.skipped
+        losses.append(float(result.loss))
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert losses[0] == pytest.approx(losses[1], abs=1e-6)
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
@@ -145,3 +146,18 @@ def test_compiled_training_matches_eager(tmp_path):
                                f"train.compile={compiled}", f"train.out_dir={tmp_path / str(compiled)}")
         runs.append(train(model_cfg, cfg, log=lambda line: None)["losses"])
     assert runs[0] == pytest.approx(runs[1], rel=1e-4)
+
+
+@pytest.mark.parametrize("accum, layers", [(1, 1), (4, 1), (1, 3)])
+def test_a_step_reads_the_host_once_whatever_the_micro_batches_and_parameters(accum, layers):
+    """The loss and grad norm stay on the device; the one host read is the skip decision (a GPU
+    sync per step, not per micro-batch or parameter)."""
+    from tests.host_reads import count_host_reads
+    model_cfg, _ = _tiny("titans", f"model.n_layers={layers}")
+    model = build_model(model_cfg)
+    optimizer = torch.optim.AdamW(model.parameters())
+    source = MQARSource(2, 64, 256, 4, seed=0)
+    with count_host_reads() as reads:
+        result = train_step(model, optimizer, [source.batch(i) for i in range(accum)], grad_clip=1.0)
+    assert sum(reads.values()) == 1 and all(k.startswith("megatron_atlas/train/loop.py") for k in reads), reads
+    assert result.loss.dim() == 0 and not result.skipped

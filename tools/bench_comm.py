@@ -33,7 +33,7 @@ from megatron_atlas.model.lm import resolve_ffn_hidden  # noqa: E402
 from megatron_atlas.parallel import build_parallel_state  # noqa: E402
 from megatron_atlas.parallel.collectives import record_comm  # noqa: E402
 from megatron_atlas.parallel.cross_entropy import vocab_parallel_cross_entropy  # noqa: E402
-from megatron_atlas.parallel.grads import allreduce_sequence_parallel_grads  # noqa: E402
+from megatron_atlas.parallel.grads import reduce_sequence_parallel_grads  # noqa: E402
 from megatron_atlas.parallel.local_launch import run_local  # noqa: E402
 
 OPS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
@@ -80,11 +80,11 @@ def wire_bytes(op: str, logical: int, tp: int) -> float:
 def _step_records(cfg: ModelConfig, parallel, batch: int, seq_len: int):
     torch.manual_seed(0)
     model = build_model(cfg, parallel=parallel)
+    reduce_sequence_parallel_grads(model, parallel)
     ids = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1), generator=torch.Generator().manual_seed(1))
     with record_comm() as records:
         loss = vocab_parallel_cross_entropy(model(ids[:, :-1]), ids[:, 1:], parallel).mean()
         loss.backward()
-        allreduce_sequence_parallel_grads(model, parallel)
     return records
 
 

@@ -39,10 +39,37 @@ def visibility_mask(q_pos: Tensor, k_pos: Tensor, window: int | None, n_sink: in
     return visible
 
 
+FLASH_MAX_HEAD_DIM = 256        # flash-attn 2 kernels exist for head_dim <= 256
+FLASH_MIN_CAPABILITY = (8, 0)   # flash-attn 2 needs Ampere or newer (sm80+)
+
+
+def flash_unsupported(head_dim: int, dtype: torch.dtype, n_sink: int,
+                      capability: tuple[int, int] | None) -> str | None:
+    """Why flash-attn cannot run this attention (None: it can). `capability` is the CUDA device's
+    compute capability (None: not a CUDA tensor)."""
+    if flash_attn_func is None:
+        return "flash_attn is not installed"
+    if capability is None:
+        return "flash-attn needs a CUDA tensor"
+    if capability < FLASH_MIN_CAPABILITY:
+        return f"flash-attn 2 needs compute capability >= 8.0, this GPU has {capability[0]}.{capability[1]}"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"flash-attn needs fp16/bf16, got {dtype}"
+    if head_dim > FLASH_MAX_HEAD_DIM:
+        return f"flash-attn supports head_dim <= {FLASH_MAX_HEAD_DIM}, got {head_dim}"
+    if n_sink:
+        return f"flash-attn has no sink tokens (n_sink={n_sink})"
+    return None
+
+
+def _flash_reason(q: Tensor, n_sink: int) -> str | None:
+    capability = torch.cuda.get_device_capability(q.device) if q.is_cuda else None
+    return flash_unsupported(q.shape[-1], q.dtype, n_sink, capability)
+
+
 def flash_applicable(q: Tensor, n_sink: int) -> bool:
-    """flash-attn has no sink tokens, needs CUDA and a half-precision dtype."""
-    return (flash_attn_func is not None and q.is_cuda
-            and q.dtype in (torch.float16, torch.bfloat16) and n_sink == 0)
+    """flash-attn runs q [B, T, H, D] with these sinks (see `flash_unsupported` for the limits)."""
+    return _flash_reason(q, n_sink) is None
 
 
 def _flash_attention(q: Tensor, k: Tensor, v: Tensor, window: int | None) -> Tensor:
@@ -144,10 +171,8 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, window: int | None, n_sink
     if window is None:
         n_sink = 0  # every earlier key is already visible, sinks change nothing
 
-    if backend == "flash" and not flash_applicable(q, n_sink):
-        raise ValueError(
-            f"backend='flash' is not applicable here (flash_attn installed: {flash_attn_func is not None}, "
-            f"device={q.device.type}, dtype={q.dtype}, n_sink={n_sink}); it needs CUDA, fp16/bf16 and n_sink=0")
+    if backend == "flash" and (reason := _flash_reason(q, n_sink)) is not None:
+        raise ValueError(f"backend='flash' is not applicable here: {reason}")
     if backend == "blockwise" and window is None:
         raise ValueError("backend='blockwise' needs a window; window=None is full attention (use sdpa)")
 

@@ -5,7 +5,7 @@ a TP-sharded parameter carries `tensor_model_parallel = True` and `partition_dim
 TP ranks' shards concatenated along `d` in tp_rank order are exactly the TP=1 parameter. Replicated
 parameters carry no such attribute. A replicated parameter that sees only a sequence shard under
 sequence parallelism also carries `sequence_parallel = True` (its gradient needs a TP all-reduce,
-see grads.allreduce_sequence_parallel_grads).
+see grads.reduce_sequence_parallel_grads).
 
 Modules create their parameters full-size with the single-process initialisation and tag them;
 `shard_parameters_` then keeps this rank's slice, so one seed gives the same full weights at any TP.

@@ -12,6 +12,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from .launch_env import cuda_ordinal, export_launch, launch_from_env, node_gpu_count
+
 
 class ParallelConfigError(ValueError):
     """A parallel layout that cannot be built; the message names the numbers involved."""
@@ -86,27 +88,23 @@ def check_layout(world_size: int, tp_size: int, cp_size: int) -> None:
 def init_distributed(backend: str | None = None, timeout_minutes: float = 30.0) -> tuple[int, int, int]:
     """Start torch.distributed from torchrun or Slurm variables; returns (rank, world_size, local_rank).
 
-    Without either set, this is a single process and nothing is initialised. NCCL on CUDA, gloo otherwise.
+    Without either set, this is a single process and nothing is initialised. NCCL on CUDA, gloo
+    otherwise; the CUDA device follows Slurm's GPU binding (`launch_env.cuda_ordinal`).
     """
     env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        rank, world, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
-    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "MASTER_ADDR" in env:
-        # srun with one task per GPU and no torchrun: the sbatch script exports MASTER_ADDR/PORT.
-        rank, world, local = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
-        env.setdefault("RANK", str(rank))
-        env.setdefault("WORLD_SIZE", str(world))
-    else:
+    launch = launch_from_env(env)
+    if launch is None:
         return 0, 1, 0
+    export_launch(env, launch)   # a direct srun sets none of RANK/WORLD_SIZE/LOCAL_RANK/MASTER_PORT
     if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), local
+        return dist.get_rank(), dist.get_world_size(), launch.local_rank
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
-        torch.cuda.set_device(local)
-    dist.init_process_group(backend=backend, rank=rank, world_size=world,
+        torch.cuda.set_device(cuda_ordinal(launch, torch.cuda.device_count(), node_gpu_count(env), env))
+    dist.init_process_group(backend=backend, rank=launch.rank, world_size=launch.world_size,
                             timeout=timedelta(minutes=timeout_minutes))
-    return rank, world, local
+    return launch.rank, launch.world_size, launch.local_rank
 
 
 def build_parallel_state(tp_size: int = 1, cp_size: int = 1, sequence_parallel: bool = False) -> ParallelState:

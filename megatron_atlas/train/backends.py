@@ -1,13 +1,13 @@
 """The two ways one optimizer step runs: plain PyTorch in one process, or a DeepSpeed engine.
 
 Both offer the same four things to the loop: `model` (for evaluation and counting), `step(micro
-batches, lr) -> (loss, grad norm)`, `save(out_dir, step, loader, config_yaml, keep_last)` and the
-resume done when they are built (`start_step`, `loader`).
+batches, lr) -> StepResult`, `save(out_dir, step, loader, config_yaml, keep_last)` and the resume
+done when they are built (`start_step`, `loader`).
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -19,6 +19,14 @@ from megatron_atlas.train.distributed import barrier, is_main_process
 from megatron_atlas.parallel.sharding import partition_dims, shard_state_dict
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class StepResult(NamedTuple):
+    """One optimizer step. loss and grad_norm stay on the device, so the step needs no host read
+    but its skip decision; the loop reads them once per log interval."""
+    loss: torch.Tensor        # mean loss per labelled token of the global batch
+    grad_norm: torch.Tensor   # global, before clipping
+    skipped: bool             # the loss or the grad norm was not finite: no parameter changed
 
 
 class NativeBackend:
@@ -42,7 +50,7 @@ class NativeBackend:
                 ckpt.set_rng_state(state["rng"])
             self.start_step, self.loader = state["step"], state["loader"]
 
-    def step(self, micro_batches: Sequence[Batch], lr: float) -> tuple[float, float]:
+    def step(self, micro_batches: Sequence[Batch], lr: float) -> StepResult:
         from megatron_atlas.train.loop import train_step
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -93,7 +101,7 @@ class DeepSpeedBackend:
         ckpt.load_rank_rng(path, dist.get_rank())
         self.start_step, self.loader = state["step"], state["loader"]
 
-    def step(self, micro_batches: Sequence[Batch], lr: float) -> tuple[float, float]:
+    def step(self, micro_batches: Sequence[Batch], lr: float) -> StepResult:
         from megatron_atlas.train.deepspeed_engine import deepspeed_step
         return deepspeed_step(self.engine, self.optimizer, micro_batches, self.parallel, lr)
 

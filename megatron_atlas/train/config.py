@@ -40,10 +40,12 @@ class TrainConfig:
     eval_every: int = 100             # 0 = only at the end
     device: str = "auto"              # auto | cpu | cuda
     precision: str = "auto"           # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    tf32: bool = True                 # CUDA: fp32 matmuls/convolutions on TF32 tensor cores
     out_dir: str = "runs/default"
     save_every: int = 0               # checkpoint every N steps (0: only at the end)
     keep_last: int = 3                # complete checkpoints kept (0: all)
     resume: str = "none"              # none | auto (latest checkpoint in out_dir, if any) | a path
+    prefetch_steps: int = 2           # steps of batches built ahead on a background thread (0: inline)
     compile: bool = False             # torch.compile the model for the training and eval steps
     tensorboard: bool = True          # also write TensorBoard scalars to out_dir/tensorboard
     peak_tflops: float = 0.0          # per-device peak for MFU (e.g. 989 for H100 bf16); 0 = not shown
@@ -59,7 +61,8 @@ class TrainConfig:
     def validate(self, prefix: str = "train") -> "TrainConfig":
         for key in ("steps", "micro_batch_size", "grad_accum", "seq_len", "log_every", "max_bad_steps"):
             _check_positive(f"{prefix}.{key}", getattr(self, key))
-        for key in ("warmup_steps", "eval_every", "seed", "save_every", "keep_last", "exit_at_step"):
+        for key in ("warmup_steps", "eval_every", "seed", "save_every", "keep_last", "exit_at_step",
+                    "prefetch_steps"):
             _check_positive(f"{prefix}.{key}", getattr(self, key), minimum=0)
         _check_choice(f"{prefix}.schedule", self.schedule, SCHEDULES)
         _check_choice(f"{prefix}.device", self.device, DEVICES)

@@ -8,10 +8,12 @@ process with micro_batch_size 4 reads the same samples per micro-batch as 2 rank
 a run resumed on another DP size continues the same global sequence.
 
 - shards: the stream is `ShardSource`'s (epochs of a (seed, epoch) permutation).
-- synthetic MQAR: batches are generated `block` samples at a time from (seed, batch number), so the
-  stream is "rows of generated batch 0, then of batch 1, ...". `block` is fixed when a run starts
-  (micro_batch_size x dp_size: exactly the pre-DP single-process stream) and kept in the loader
-  state, so resuming on another layout reads the same samples. There are no epochs (epoch stays 0).
+- synthetic MQAR: samples are generated `block` at a time from (seed, block number), so the stream
+  is "rows of generated block 0, then of block 1, ...". A run starts with block 1: every sample is
+  generated from (seed, its global position) alone, so each DP rank generates only its own rows and
+  any layout reads the same samples. `block` is kept in the loader state: checkpoints of runs that
+  generated micro_batch_size x dp_size samples at a time (the stream before block 1) continue
+  their own stream exactly. There are no epochs (epoch stays 0).
 """
 from __future__ import annotations
 
@@ -25,10 +27,12 @@ from megatron_atlas.data.sources import build_source, train_order_seed
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
-def fresh_state(cfg: DataConfig, *, seed: int, micro_batch_size: int, dp_size: int) -> dict:
+def fresh_state(cfg: DataConfig, *, seed: int, micro_batch_size: int = 0, dp_size: int = 0) -> dict:
+    """The loader state of a run's first step. `micro_batch_size` and `dp_size` no longer matter
+    (the MQAR block is one sample whatever the layout); accepted for existing callers."""
     state = {"seed": train_order_seed(cfg, seed), "epoch": 0, "consumed": 0}
     if cfg.kind == "synthetic_mqar":
-        state["block"] = micro_batch_size * dp_size
+        state["block"] = 1
     return state
 
 

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_atlas.model.config import ConfigError
+from megatron_atlas.parallel.launch_env import launch_from_env
 from megatron_atlas.parallel.state import (ParallelConfigError, ParallelState, build_parallel_state,
                                            init_distributed)
 from megatron_atlas.train.config import ParallelConfig
@@ -24,12 +25,8 @@ def _free_port() -> int:
 
 
 def launched_world_size() -> int:
-    env = os.environ
-    if "WORLD_SIZE" in env:
-        return int(env["WORLD_SIZE"])
-    if "SLURM_NTASKS" in env and "MASTER_ADDR" in env:
-        return int(env["SLURM_NTASKS"])
-    return 1
+    launch = launch_from_env(os.environ)
+    return 1 if launch is None else launch.world_size
 
 
 def uses_deepspeed(cfg: ParallelConfig, world_size: int) -> bool:

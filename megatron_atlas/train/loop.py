@@ -7,34 +7,35 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import time
 from pathlib import Path
-from typing import Callable, ContextManager, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from megatron_atlas.data.sources import build_source, train_order_seed
 from megatron_atlas.data.synthetic import IGNORE_INDEX, accuracy
 from megatron_atlas.model import build_model, resolve_ffn_hidden
 from megatron_atlas.model.config import ModelConfig
+from megatron_atlas.parallel.grads import reduce_sequence_parallel_grads
 from megatron_atlas.parallel.state import ParallelState
-from megatron_atlas.train.backends import DeepSpeedBackend, NativeBackend
+from megatron_atlas.train.backends import DeepSpeedBackend, NativeBackend, StepResult
 from megatron_atlas.train.checkpoint import find_latest
 from megatron_atlas.train.config import ParallelConfig, TrainConfig
 from megatron_atlas.train.data import TrainStream, fresh_state, upgrade_state
 from megatron_atlas.train.distributed import is_main_process, launched_world_size, setup_parallel, uses_deepspeed
 from megatron_atlas.train.flops import mfu, training_flops_per_token
+from megatron_atlas.train.loss import loss_sum
 from megatron_atlas.train.metrics import (MetricsWriter, Progress, format_duration, format_rate,
                                           progress_line)
+from megatron_atlas.train.prefetch import StepPrefetcher
+from megatron_atlas.train.precision import AutocastFactory, autocast_for, configure_tf32
 from megatron_atlas.train.recompute import checkpoint_blocks
 from megatron_atlas.train.schedule import lr_at
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-AutocastFactory = Callable[[], ContextManager]
 
 
 def _silent(line: str) -> None:
@@ -49,41 +50,31 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def autocast_for(device: torch.device, precision: str) -> AutocastFactory:
-    """Parameters and optimizer state stay fp32; `bf16` runs the forward under autocast."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return functools.partial(torch.autocast, device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext
-
-
-def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed cross entropy over the labelled positions (fp32 whatever the autocast dtype)."""
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
-                           reduction="sum")
-
-
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batches: Sequence[Batch],
-               grad_clip: float, autocast: AutocastFactory = contextlib.nullcontext) -> tuple[float, float]:
-    """Forward/backward every micro-batch, clip, step. Returns (loss, grad norm before clipping).
+               grad_clip: float, autocast: AutocastFactory = contextlib.nullcontext) -> StepResult:
+    """Forward/backward every micro-batch, clip, step; the loss and the grad norm (before clipping)
+    stay on the device.
 
     Each micro-batch's summed loss is divided by the labelled-token count of the whole step, so the
     accumulated gradient is exactly that of one batch holding all micro-batches, however the labels
-    are spread over them. The optimizer does not step when the grad norm is not finite.
+    are spread over them. The optimizer does not step when the loss or the grad norm is not finite:
+    that is the step's one host read.
     """
-    n_labels = int(sum((labels != IGNORE_INDEX).sum() for _, labels in micro_batches))   # one sync
+    n_labels = sum((labels != IGNORE_INDEX).sum() for _, labels in micro_batches).clamp(min=1)
     optimizer.zero_grad(set_to_none=True)
-    total = 0.0
+    total = None
     for input_ids, labels in micro_batches:
         with autocast():
             logits = model(input_ids)
-        loss = loss_sum(logits, labels) / max(1, n_labels)
+        loss = loss_sum(logits, labels) / n_labels
         loss.backward()
-        total = total + loss.detach()   # stays on the device: no sync per micro-batch
+        total = loss.detach() if total is None else total + loss.detach()
     max_norm = grad_clip if grad_clip > 0 else float("inf")   # inf: measure the norm, clip nothing
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
-    if math.isfinite(grad_norm):   # a nan/inf step would poison every parameter; the caller stops
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    skipped = bool(~(torch.isfinite(grad_norm) & torch.isfinite(total)))
+    if not skipped:   # a nan/inf step would poison every parameter; the caller counts it
         optimizer.step()
-    return float(total), grad_norm
+    return StepResult(total, grad_norm, skipped)
 
 
 @torch.no_grad()
@@ -119,10 +110,10 @@ def _resume_path(cfg: TrainConfig, out_dir: Path, log: Callable[[str], None]) ->
     return path
 
 
-def _start_loader(cfg: TrainConfig, resumed: Optional[dict], path: Optional[Path], dp_size: int) -> dict:
+def _start_loader(cfg: TrainConfig, resumed: Optional[dict], path: Optional[Path]) -> dict:
     """Loader state to start from: the checkpoint's (checked against this run), or a fresh one."""
     if resumed is None:
-        return fresh_state(cfg.data, seed=cfg.seed, micro_batch_size=cfg.micro_batch_size, dp_size=dp_size)
+        return fresh_state(cfg.data, seed=cfg.seed)
     loader = upgrade_state(resumed)
     expected = train_order_seed(cfg.data, cfg.seed)
     if loader["seed"] != expected:
@@ -157,7 +148,9 @@ class _NoMetrics:
 def _build_model(model_cfg: ModelConfig, parallel: ParallelState, device: torch.device) -> torch.nn.Module:
     if parallel.tp_size == 1 and parallel.cp_size == 1:
         return build_model(model_cfg).to(device)
-    return build_model(model_cfg, parallel=parallel).to(device)   # the tensor-parallel model
+    model = build_model(model_cfg, parallel=parallel).to(device)   # the tensor-parallel model
+    reduce_sequence_parallel_grads(model, parallel)   # before any engine wraps it
+    return model
 
 
 def train(model_cfg: ModelConfig, cfg: TrainConfig, log: Callable[[str], None] = print,
@@ -174,6 +167,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, log: Callable[[str], None] =
     device = resolve_device(cfg.device)
     if device.type == "cuda" and torch.distributed.is_initialized():
         device = torch.device("cuda", torch.cuda.current_device())
+    configure_tf32(device, cfg.tf32)
     autocast = contextlib.nullcontext if deepspeed else autocast_for(device, cfg.precision)
     out_dir = Path(cfg.out_dir)
     config_yaml = OmegaConf.to_yaml({"model": model_cfg, "train": cfg, "parallel": pcfg})
@@ -197,7 +191,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, log: Callable[[str], None] =
     start_step = backend.start_step
     if resume is not None:
         log(f"resumed from {resume} at step {start_step}")
-    loader = _start_loader(cfg, backend.loader, resume, parallel.dp_size)
+    loader = _start_loader(cfg, backend.loader, resume)
     stream = TrainStream(cfg.data, loader, micro_batch_size=cfg.micro_batch_size, seq_len=cfg.seq_len,
                          model_vocab=model_cfg.vocab_size, dp_rank=parallel.dp_rank, dp_size=parallel.dp_size)
     eval_source = build_source(cfg.data, seed=cfg.data.eval_seed, split="eval", batch_size=cfg.micro_batch_size,
@@ -228,52 +222,61 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, log: Callable[[str], None] =
     result: dict[str, float] = {}
     record: dict[str, float] = {}
     bad_in_a_row = skipped = 0
-    for step in range(start_step, cfg.steps):
-        lr = lr_at(step, cfg)
+
+    def step_batches(step: int) -> list[Batch]:   # a pure function of the step: built ahead by a thread
         first = (step - start_step) * cfg.grad_accum
-        batches = [_to(stream.batch(first + j), device) for j in range(cfg.grad_accum)]
-        loss, grad_norm = backend.step(batches, lr)
-        done = step + 1
-        finite = math.isfinite(loss) and math.isfinite(grad_norm)
-        if finite:
-            bad_in_a_row = 0
-            progress.add(loss)
-        else:   # train_step took no optimizer step: the parameters are those before this batch
-            bad_in_a_row, skipped = bad_in_a_row + 1, skipped + 1
-            metrics.write("skipped", step=done, loss=loss, grad_norm=grad_norm, in_a_row=bad_in_a_row)
-            log(f"step {done}: loss {loss}, grad norm {grad_norm}: skipped ({bad_in_a_row} in a row)")
-            if bad_in_a_row >= cfg.max_bad_steps:
-                metrics.close()
-                raise FloatingPointError(
-                    f"{bad_in_a_row} steps in a row with a non-finite loss or gradient (last: step {done}); "
-                    f"stopping (train.max_bad_steps={cfg.max_bad_steps}). The last checkpoint is in "
-                    f"{out_dir / 'checkpoints'}; try a lower train.lr or model.memory.max_lr")
+        return [stream.batch(first + j) for j in range(cfg.grad_accum)]
+    prefetch = StepPrefetcher(step_batches, range(start_step, last_step), device, cfg.prefetch_steps)
+    try:
+        for step in range(start_step, last_step):
+            lr = lr_at(step, cfg)
+            batches = prefetch.next()
+            result = backend.step(batches, lr)
+            done = step + 1
+            finite = not result.skipped
+            if finite:
+                bad_in_a_row = 0
+                progress.add(result.loss)   # read at the next report, not now
+            else:   # no optimizer step was taken: the parameters are those before this batch
+                loss, grad_norm = float(result.loss), float(result.grad_norm)
+                bad_in_a_row, skipped = bad_in_a_row + 1, skipped + 1
+                metrics.write("skipped", step=done, loss=loss, grad_norm=grad_norm, in_a_row=bad_in_a_row)
+                log(f"step {done}: loss {loss}, grad norm {grad_norm}: skipped ({bad_in_a_row} in a row)")
+                if bad_in_a_row >= cfg.max_bad_steps:
+                    metrics.close()
+                    raise FloatingPointError(
+                        f"{bad_in_a_row} steps in a row with a non-finite loss or gradient (last: step {done}); "
+                        f"stopping (train.max_bad_steps={cfg.max_bad_steps}). The last checkpoint is in "
+                        f"{out_dir / 'checkpoints'}; try a lower train.lr or model.memory.max_lr")
 
-        exiting = done == cfg.exit_at_step
-        # a skipped step still reaches the evaluation and checkpoint that fall on it
-        if finite and (done % cfg.log_every == 0 or done in (start_step + 1, cfg.steps) or exiting):
-            record = progress.report()
-            record["mfu"] = mfu(flops_per_token, record["tokens_per_s"], cfg.peak_tflops)
-            log(progress_line(done, cfg.steps, record["loss"], lr, grad_norm, record["tokens_per_s"],
-                              record["eta_s"], record["mfu"]))
-            metrics.write("train", step=done, lr=lr, grad_norm=grad_norm, tokens=done * tokens_per_step,
-                          flops=done * tokens_per_step * flops_per_token, **record)
+            exiting = done == cfg.exit_at_step
+            # a skipped step still reaches the evaluation and checkpoint that fall on it
+            if finite and (done % cfg.log_every == 0 or done in (start_step + 1, cfg.steps) or exiting):
+                record = progress.report()   # the interval's one host read of the losses
+                grad_norm = float(result.grad_norm)
+                record["mfu"] = mfu(flops_per_token, record["tokens_per_s"], cfg.peak_tflops)
+                log(progress_line(done, cfg.steps, record["loss"], lr, grad_norm, record["tokens_per_s"],
+                                  record["eta_s"], record["mfu"]))
+                metrics.write("train", step=done, lr=lr, grad_norm=grad_norm, tokens=done * tokens_per_step,
+                              flops=done * tokens_per_step * flops_per_token, **record)
 
-        if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps or exiting:
-            eval_start = time.perf_counter()
-            result = evaluate(eval_model, eval_batches, autocast)
-            progress.exclude(time.perf_counter() - eval_start)
-            log(f"eval step {done} | loss {result['loss']:.4f} | ppl {result['perplexity']:.2f} | "
-                f"accuracy {result['accuracy']:.3f}")
-            metrics.write("eval", step=done, **result)
+            if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps or exiting:
+                eval_start = time.perf_counter()
+                result = evaluate(eval_model, eval_batches, autocast)
+                progress.exclude(time.perf_counter() - eval_start)
+                log(f"eval step {done} | loss {result['loss']:.4f} | ppl {result['perplexity']:.2f} | "
+                    f"accuracy {result['accuracy']:.3f}")
+                metrics.write("eval", step=done, **result)
 
-        if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps or exiting:
-            path = backend.save(out_dir, done, stream.state((done - start_step) * cfg.grad_accum),
-                                config_yaml, cfg.keep_last)
-            log(f"checkpoint step {done} -> {path}")
-        if exiting:
-            log(f"train.exit_at_step={done}: stopping; continue with train.resume=auto")
-            break
+            if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps or exiting:
+                path = backend.save(out_dir, done, stream.state((done - start_step) * cfg.grad_accum),
+                                    config_yaml, cfg.keep_last)
+                log(f"checkpoint step {done} -> {path}")
+            if exiting:
+                log(f"train.exit_at_step={done}: stopping; continue with train.resume=auto")
+                break
+    finally:
+        prefetch.close()
 
     # first: the first step's loss; final: the mean over the last logging interval (less noisy).
     elapsed = time.perf_counter() - progress.start

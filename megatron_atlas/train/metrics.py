@@ -6,7 +6,9 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
+
+import torch
 
 
 class MetricsWriter:
@@ -68,18 +70,29 @@ class Progress:
     def __init__(self, steps: int, tokens_per_step: int) -> None:
         self.steps, self.tokens_per_step = steps, tokens_per_step
         self.start = self._mark = time.perf_counter()
-        self.losses: list[float] = []
+        self._losses: list[float] = []
+        self._pending: list = []   # losses still on the device, read together at the next report
         self._reported = 0
 
-    def add(self, loss: float) -> None:
-        self.losses.append(loss)
+    def add(self, loss: Union[float, torch.Tensor]) -> None:
+        self._pending.append(loss)
+
+    @property
+    def losses(self) -> list[float]:
+        """Every step's loss so far (reads the pending ones from the device in one go)."""
+        if self._pending:
+            values = torch.stack([torch.as_tensor(v).detach().reshape(()).double() for v in self._pending])
+            self._losses.extend(values.tolist())
+            self._pending = []
+        return self._losses
 
     def exclude(self, seconds: float) -> None:
         self._mark += seconds
 
     def report(self) -> dict[str, float]:
-        now, done = time.perf_counter(), len(self.losses)
-        interval = self.losses[self._reported:]
+        losses = self.losses
+        now, done = time.perf_counter(), len(losses)
+        interval = losses[self._reported:]
         record = {
             "loss": sum(interval) / max(1, len(interval)),
             "tokens_per_s": len(interval) * self.tokens_per_step / max(now - self._mark, 1e-9),
