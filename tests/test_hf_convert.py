@@ -196,11 +196,11 @@ def test_generation_cache_is_constant_and_memory_keeps_learning(preset):
     with torch.no_grad():   # 32 and 96 tokens: both past the window (16), both on a chunk boundary (8)
         out = hf(ids[:, :32], use_cache=True)
         cache = out.past_key_values
-        size_32 = _tensor_bytes(cache.lm_cache)
-        state_32 = [t.clone() for t in cache.lm_cache.blocks[0]["memory"].state.weights.values()]
+        size_32 = _tensor_bytes(cache.groups[0].cache)
+        state_32 = [t.clone() for t in cache.groups[0].cache.blocks[0]["memory"].state.weights.values()]
         out = hf(ids[:, 32:], past_key_values=cache)
-        size_96 = _tensor_bytes(cache.lm_cache)
-        state_96 = list(cache.lm_cache.blocks[0]["memory"].state.weights.values())
+        size_96 = _tensor_bytes(cache.groups[0].cache)
+        state_96 = list(cache.groups[0].cache.blocks[0]["memory"].state.weights.values())
         assert out.logits.shape == (1, 64, 256)
         torch.testing.assert_close(out.logits, native(ids)[:, 32:], rtol=0, atol=1e-5)
     assert cache.seen_tokens == 96
