@@ -147,6 +147,10 @@ def test_sharded_export_has_an_index_and_loads(exported):
 def test_auto_tokenizer_is_byte_level(exported):
     for result in exported["results"].values():
         assert result["hello"] == list(b"hello")
+    # no end-of-document token; pad is an id past the 256 bytes, so no byte is taken for padding
+    # (the prompts above hold byte 0 and generate infers no mask from it)
+    config = json.loads((Path(exported["jobs"]["titans"]) / "config.json").read_text())
+    assert config["pad_token_id"] == 256 and config.get("eos_token_id") is None
 
 
 def test_native_hf_native_round_trip_is_bit_exact(exported, tmp_path):

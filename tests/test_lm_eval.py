@@ -23,6 +23,7 @@ TASKS = Path(__file__).resolve().parent / "lm_eval_tasks"
 TRAINED_LENGTH = 48
 SMALL = ["model.n_layers=1", "model.d_model=32", "model.n_heads=2", "model.memory.chunk=8",
          "model.attention.window=16", "model.vocab_size=320", f"train.seq_len={TRAINED_LENGTH}"]
+OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 WORDS = "the river crosses a quiet valley while the engine hums near the old harbor".split()
 
 
@@ -61,12 +62,15 @@ def evaluated(tmp_path_factory):
     save_checkpoint(root / "run", 1, {"step": 1, "model": native.state_dict()},
                     OmegaConf.to_yaml({"model": model_cfg, "train": train_cfg}), 1)
     folder = export_hf(root / "run", root / "hf", tokenizer=str(tokenizer), log=lambda *_: None)
-    os.environ.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_DATASETS_CACHE=str(root / "datasets"))
-    lm = HFLM(pretrained=str(folder), trust_remote_code=True, batch_size=2, dtype="float32", device="cpu")
-    results = lm_eval.simple_evaluate(model=lm, tasks=["atlas_local_mc", "atlas_local_rolling", "atlas_local_gen"],
-                                      task_manager=TaskManager(include_path=str(_write_tasks(root))),
-                                      log_samples=True, random_seed=0, numpy_random_seed=0, torch_random_seed=0)
-    return lm, native, results
+    tasks = _write_tasks(root)
+    with pytest.MonkeyPatch.context() as env:   # no hub, no network: everything is local
+        for name, value in {**OFFLINE, "HF_DATASETS_CACHE": str(root / "datasets")}.items():
+            env.setenv(name, value)
+        lm = HFLM(pretrained=str(folder), trust_remote_code=True, batch_size=2, dtype="float32", device="cpu")
+        results = lm_eval.simple_evaluate(model=lm, tasks=["atlas_local_mc", "atlas_local_rolling", "atlas_local_gen"],
+                                          task_manager=TaskManager(include_path=str(tasks)),
+                                          log_samples=True, random_seed=0, numpy_random_seed=0, torch_random_seed=0)
+        yield lm, native, results, folder, tasks
 
 
 def _logprob(native, context: list, continuation: list) -> float:
@@ -77,7 +81,7 @@ def _logprob(native, context: list, continuation: list) -> float:
 
 
 def test_multiple_choice_loglikelihoods_are_the_models(evaluated):
-    lm, native, results = evaluated
+    lm, native, results = evaluated[:3]
     samples = results["samples"]["atlas_local_mc"]
     assert len(samples) == 5 and 0.0 <= results["results"]["atlas_local_mc"]["acc,none"] <= 1.0
     for sample in samples:
@@ -90,7 +94,7 @@ def test_multiple_choice_loglikelihoods_are_the_models(evaluated):
 def test_rolling_loglikelihood_uses_windows_of_the_trained_length(evaluated):
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-    lm, native, results = evaluated
+    lm, native, results = evaluated[:3]
     assert lm.max_length == TRAINED_LENGTH
     for sample in results["samples"]["atlas_local_rolling"]:
         ids = lm.tok_encode(sample["arguments"][0][0])
@@ -103,7 +107,7 @@ def test_rolling_loglikelihood_uses_windows_of_the_trained_length(evaluated):
 
 
 def test_generate_until_with_left_padded_batches_equals_each_prompt_alone(evaluated):
-    lm, _, results = evaluated
+    lm, _, results = evaluated[:3]
     samples = results["samples"]["atlas_local_gen"]
     lengths = {len(lm.tok_encode(s["arguments"][0][0])) for s in samples}
     assert len(samples) == 4 and len(lengths) == 4   # batches of 2 prompts of different lengths: padded
@@ -115,3 +119,24 @@ def test_generate_until_with_left_padded_batches_equals_each_prompt_alone(evalua
         text = lm.tok_decode(out[0, ids.shape[1]:].tolist())
         expected = text.split("\n")[0]
         assert sample["resps"][0][0] == expected
+
+
+def test_the_lm_eval_command_line_gives_the_same_generations(evaluated, tmp_path):
+    """The README's `lm_eval --model hf ...` call, in a fresh process."""
+    import subprocess
+    import sys
+
+    _, _, results, folder, tasks = evaluated
+    env = {**os.environ, **OFFLINE, "HF_DATASETS_CACHE": str(tmp_path / "datasets"),
+           "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    done = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
+                           f"pretrained={folder},trust_remote_code=True,dtype=float32", "--tasks", "atlas_local_gen",
+                           "--include_path", str(tasks), "--batch_size", "2", "--device", "cpu",
+                           "--output_path", str(tmp_path / "out"), "--log_samples"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    samples = [json.loads(line) for f in (tmp_path / "out").rglob("samples_atlas_local_gen_*.jsonl")
+               for line in f.read_text().splitlines()]
+    assert len(samples) == 4
+    api = {s["doc_id"]: s["resps"] for s in results["samples"]["atlas_local_gen"]}
+    assert all(s["resps"] == api[s["doc_id"]] for s in samples)

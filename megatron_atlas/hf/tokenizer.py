@@ -16,6 +16,7 @@ from typing import Dict, Optional
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 BYTE_VOCAB = 256
+PAD_TOKEN = "<|pad|>"
 
 
 @lru_cache(maxsize=1)
@@ -72,8 +73,9 @@ def save_hf_tokenizer(tokenizer: Tokenizer, out_dir: Path, vocab_size: int,
 
     The end-of-document token, if the tokenizer has one, is eos, bos (documents are packed with it
     between them) and pad (left-padded rows run unpadded, so pads never reach the model; and HF
-    infers no mask from a pad equal to eos). The byte-level tokenizer has no spare id: no special
-    tokens, since a pad id there would be a real byte. No token_type_ids (the model has none).
+    infers no mask from a pad equal to eos). The byte-level tokenizer has no spare id: its pad is
+    an added `<|pad|>` with the id after the last byte (256), outside the model's ids, so that no
+    real byte is ever taken for padding. No token_type_ids (the model has none).
     """
     from transformers import PreTrainedTokenizerFast
 
@@ -85,6 +87,9 @@ def save_hf_tokenizer(tokenizer: Tokenizer, out_dir: Path, vocab_size: int,
         if tokenizer.token_to_id(name) is not None:
             special = {"eos_token": name, "bos_token": name, "pad_token": name}
             break
+    if not special:   # the byte-level tokenizer: a pad id past the model's ids, never a real byte
+        tokenizer.add_special_tokens([PAD_TOKEN])
+        special = {"pad_token": PAD_TOKEN}
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, clean_up_tokenization_spaces=False,
                                    model_input_names=["input_ids", "attention_mask"], **special)
     if model_max_length:
