@@ -46,18 +46,21 @@ def left_pad_counts(attention_mask: Optional[Tensor], shape: torch.Size, allow_r
     if tuple(attention_mask.shape) != (batch, length):
         raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids {(batch, length)}")
     mask = attention_mask.to("cpu", torch.bool)
+    if bool(mask.all()):
+        return torch.zeros(batch, dtype=torch.long)
     real = mask.sum(1)
     first = torch.where(real > 0, mask.long().argmax(1), torch.full_like(real, length))
     column = torch.arange(length)
     contiguous = (mask == ((column >= first[:, None]) & (column < (first + real)[:, None]))).all(1)
     right = first + real < length
-    for row in range(batch):
+    bad = (real == 0) | ~contiguous | (right & (not allow_right))
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0])
         if real[row] == 0:
             raise ValueError(f"attention_mask row {row} is all zeros: nothing to read")
-        if not contiguous[row] or (right[row] and not allow_right):
-            what = "has holes" if not contiguous[row] else "is right-padded"
-            raise ValueError(f"attention_mask row {row} {what} ({mask[row].int().tolist()}); pass left-padded "
-                             "rows (tokenizer padding_side='left'): the recurrent memory must not read pads")
+        what = "has holes" if not contiguous[row] else "is right-padded"
+        raise ValueError(f"attention_mask row {row} {what} ({mask[row].int().tolist()}); pass left-padded "
+                         "rows (tokenizer padding_side='left'): the recurrent memory must not read pads")
     return first
 
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 import os
+from pathlib import Path
 from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import torch
