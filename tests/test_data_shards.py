@@ -101,7 +101,8 @@ def test_bad_inputs_are_counted(tmp_path):
     lines = [{"text": "a jsonl document " * 10}, {"body": "no text field"}, {"text": ""}, {"text": 3}]
     (src / "docs.jsonl").write_text("\n".join(map(json.dumps, lines)) + "\n{not json\n")
     index = _prepare(src, tmp_path / "out")
-    assert index["skipped"] == {"non_utf8": 1, "empty": 2, "missing_field": 2, "bad_json": 1, "bad_files": 0}
+    assert index["skipped"] == {"non_utf8": 1, "empty": 2, "missing_field": 2, "bad_json": 1, "bad_files": 0,
+                                "no_text_member": 0}
     assert index["input"]["documents"] == 10 + 1 + 1
 
     missing = tmp_path / "gone.txt"

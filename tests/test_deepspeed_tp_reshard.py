@@ -23,6 +23,13 @@ def test_tp2_zero2_checkpoint_resumes_as_tp1_dp2(tmp_path):
     step2 = tp2 / "checkpoints" / "step-00000002"
     full = consolidate(step2, tmp_path / "full")
     assert full["step"] == 2 and full["consolidated_from"]["tp"] == 2
+    # the checkpoint's own zero_to_fp32.py joins the TP shards too (DeepSpeed's copy saw rank 0 only)
+    env = {"PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu", "PATH": "/usr/bin:/bin"}
+    subprocess.run([sys.executable, "zero_to_fp32.py", ".", str(tmp_path / "fp32")], cwd=step2, env=env,
+                   check=True, capture_output=True, timeout=120)
+    fp32 = torch.load(tmp_path / "fp32" / "pytorch_model.bin", weights_only=True)
+    assert fp32.keys() == full["model"].keys()
+    assert all(torch.equal(fp32[k], full["model"][k]) for k in fp32)
     resumed = tmp_path / "tp1dp2"
     torchrun(2, RUN + ["parallel=zero2", "train.micro_batch_size=1", f"train.resume={tmp_path / 'full'}",
                        f"train.out_dir={resumed}"])

@@ -114,3 +114,36 @@ def test_zero2_resume_same_layout_and_on_one_process(reference, dp2_runs, tmp_pa
     assert state["step"] == 2 and state["loader"]["consumed"] == 2 * 4
     one = native(tmp_path / "one", "train.micro_batch_size=4", f"train.resume={tmp_path / 'step2-full'}")
     assert abs(one["losses"][0] - train_losses(reference)[3]) < TOL
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_zero_to_fp32_in_the_checkpoint_works_as_deepspeed_documents_it(stage, reference, dp2_runs, tmp_path):
+    """`python zero_to_fp32.py . out/` run inside the step folder (DeepSpeed's documented call; its own
+    copy needs a `latest` file and a global_stepN tag), with --safe_serialization, -t and a shard
+    size: every form gives the one-process weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    step = find_latest(dp2_runs(stage))
+    assert (step / "zero_to_fp32.py").is_file() and not (step / "zero_to_torch.py").exists()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu"}
+    calls = {"bin": [".", str(tmp_path / "bin")],
+             "safe": [str(step), str(tmp_path / "safe"), "--safe_serialization", "-t", "deepspeed"],
+             "sharded": [".", str(tmp_path / "sharded"), "--max_shard_size", "20KB"]}
+    for args in calls.values():
+        done = subprocess.run([sys.executable, "zero_to_fp32.py", *args], cwd=step, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-3000:]
+    want = load_checkpoint(find_latest(reference))["model"]
+    index = json.loads((tmp_path / "sharded" / "pytorch_model.bin.index.json").read_text())
+    sharded = {}
+    for name in sorted(set(index["weight_map"].values())):
+        sharded.update(torch.load(tmp_path / "sharded" / name, weights_only=True))
+    assert len(set(index["weight_map"].values())) > 1
+    for got in (torch.load(tmp_path / "bin" / "pytorch_model.bin", weights_only=True),
+                load_file(str(tmp_path / "safe" / "model.safetensors")), sharded):
+        assert got.keys() == want.keys()
+        assert all((got[k] - want[k]).abs().max() < TOL for k in want)
+    wrong = subprocess.run([sys.executable, "zero_to_fp32.py", ".", str(tmp_path / "x"), "-t", "global_step4"],
+                           cwd=step, env=env, capture_output=True, text=True, timeout=120)
+    assert wrong.returncode != 0 and "-t global_step4" in wrong.stderr

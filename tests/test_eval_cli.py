@@ -52,7 +52,7 @@ def setup(tmp_path_factory):
     return root, shards, runs
 
 
-def test_eval_cli_writes_every_suite_and_export_scores_like_native(setup):
+def test_eval_cli_writes_every_suite_and_export_scores_like_native(setup, capsys):
     root, shards, runs = setup
     out = root / "out"
     argv = [str(runs["transformer"]), str(root / "hf_transformer"), "--out", str(out),
@@ -62,6 +62,11 @@ def test_eval_cli_writes_every_suite_and_export_scores_like_native(setup):
             "--needles", "number,word", "--samples", "1", "--kv-pairs", "2,4", "--mqar-seq-len", "32",
             "--mqar-samples", "8", "--prefill-chunk", "96"]
     assert main(argv) == 0
+    printed = capsys.readouterr().out
+    # progress from the first second on: what runs, each model as it loads, each suite's grid
+    assert printed.startswith("suites ppl, long_ppl, niah, babilong, mqar")
+    assert f"loading {runs['transformer']}" in printed
+    assert "niah: 4 cells x 1 samples at lengths 160,320" in printed
     data = json.loads((out / "results.json").read_text())
     assert set(data["models"]) == {"native", "exported"}
     native, exported = data["models"]["native"], data["models"]["exported"]
@@ -112,6 +117,10 @@ def test_eval_help_and_bad_suite(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--help"])
     assert e.value.code == 0
-    assert "babilong" in capsys.readouterr().out
+    text = " ".join(capsys.readouterr().out.split())   # argparse wraps lines
+    assert "babilong" in text
+    # the defaults a bare run uses are visible in --help
+    assert "(default: niah,babilong,mqar)" in text
+    assert "(default: 1024,2048,4096,8192,16384,32768,65536)" in text
     with pytest.raises(SystemExit, match="unknown suite"):
         main(["x", "--out", "y", "--suites", "nope"])

@@ -147,6 +147,10 @@ def test_sharded_export_has_an_index_and_loads(exported):
 def test_auto_tokenizer_is_byte_level(exported):
     for result in exported["results"].values():
         assert result["hello"] == list(b"hello")
+    # no end-of-document token; pad is an id past the 256 bytes, so no byte is taken for padding
+    # (the prompts above hold byte 0 and generate infers no mask from it)
+    config = json.loads((Path(exported["jobs"]["titans"]) / "config.json").read_text())
+    assert config["pad_token_id"] == 256 and config.get("eos_token_id") is None
 
 
 def test_native_hf_native_round_trip_is_bit_exact(exported, tmp_path):
@@ -196,11 +200,11 @@ def test_generation_cache_is_constant_and_memory_keeps_learning(preset):
     with torch.no_grad():   # 32 and 96 tokens: both past the window (16), both on a chunk boundary (8)
         out = hf(ids[:, :32], use_cache=True)
         cache = out.past_key_values
-        size_32 = _tensor_bytes(cache.lm_cache)
-        state_32 = [t.clone() for t in cache.lm_cache.blocks[0]["memory"].state.weights.values()]
+        size_32 = _tensor_bytes(cache.groups[0].cache)
+        state_32 = [t.clone() for t in cache.groups[0].cache.blocks[0]["memory"].state.weights.values()]
         out = hf(ids[:, 32:], past_key_values=cache)
-        size_96 = _tensor_bytes(cache.lm_cache)
-        state_96 = list(cache.lm_cache.blocks[0]["memory"].state.weights.values())
+        size_96 = _tensor_bytes(cache.groups[0].cache)
+        state_96 = list(cache.groups[0].cache.blocks[0]["memory"].state.weights.values())
         assert out.logits.shape == (1, 64, 256)
         torch.testing.assert_close(out.logits, native(ids)[:, 32:], rtol=0, atol=1e-5)
     assert cache.seen_tokens == 96

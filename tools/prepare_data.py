@@ -2,6 +2,8 @@
 
     python tools/prepare_data.py --out data/stdlib --default-corpus --vocab-size 8192 --seq-len 2048
     python tools/prepare_data.py --out data/web corpus/ more.jsonl --tokenizer tokenizer.json
+    python tools/prepare_data.py --out data/wds 'https://host/text-{000000..000099}.tar' --vocab-size 32000
+    python tools/prepare_data.py --out data/s3 'pipe:aws s3 cp s3://bucket/text-{0000..0009}.tar -'
 """
 from __future__ import annotations
 
@@ -19,12 +21,15 @@ from megatron_atlas.data.prepare import PrepareArgs, prepare  # noqa: E402
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     d = PrepareArgs(out_dir="")
     p = argparse.ArgumentParser(
-        description="Tokenize plain text files, folders of them, JSONL or Parquet into fixed windows of "
+        description="Tokenize plain text files, folders of them, JSONL, Parquet or webdataset shards of text "
+                    "(.tar with KEY.txt / KEY.json members; local, pipe:CMD or http(s):// URLs, brace "
+                    "patterns) into fixed windows of "
                     "seq_len + 1 token ids, written as webdataset tar shards {split}-NNNNNN.tar plus "
                     "index.json. Reruns into the same folder skip complete work.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("inputs", nargs="*", help="files or folders (.jsonl/.ndjson: JSONL, .parquet: Parquet, "
-                                             "anything else: one plain-text document per file)")
+    p.add_argument("inputs", nargs="*", help="files, folders or shard URLs (.jsonl/.ndjson: JSONL, .parquet: "
+                                             "Parquet, .tar / pipe: / http(s):// / {a..b}: webdataset, one "
+                                             "document per sample; anything else: one plain-text document per file)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--default-corpus", action="store_true",
                    help="use the Python standard library's .py sources and .rst/.txt docs (no download)")
@@ -37,7 +42,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="share of documents held out for validation (chosen by a seeded hash)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--samples-per-shard", type=int, default=0, help="0: about 64 MB per shard")
-    p.add_argument("--text-field", default=d.text_field, help="JSONL field / Parquet column of the text")
+    p.add_argument("--text-field", default=d.text_field,
+                   help="JSONL field / Parquet column / webdataset .json field of the text")
     p.add_argument("--skip-bad-files", action="store_true", help="count unreadable files instead of failing")
     p.add_argument("--workers", type=int, default=d.workers, help="tokenizer processes")
     p.add_argument("--overwrite", action="store_true", help="delete the output folder first")

@@ -6,13 +6,15 @@ source (e.g. `shards`) means adding one dataclass field here and one entry in `d
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import List, Optional
 
 from megatron_atlas.model.config import ConfigError, _check_choice, _check_positive
 
 # data kind -> the DataConfig field that holds its knobs
-DATA_SECTIONS = {"synthetic_mqar": "mqar", "shards": "shards"}
+DATA_SECTIONS = {"synthetic_mqar": "mqar", "shards": "shards", "webdataset": "webdataset"}
 DATA_KINDS = tuple(DATA_SECTIONS)
+# kinds whose source keeps its own loader state (`state(k).to_dict()`), resumed from `start`
+STATEFUL_KINDS = ("shards", "webdataset")
 
 
 @dataclass
@@ -49,12 +51,35 @@ class ShardsDataConfig:
 
 
 @dataclass
+class WebDatasetDataConfig:
+    """Webdataset shards of raw text, tokenized while training (data/stream.py): for corpora too
+    large to pre-tokenize. URLs as prepare_data takes them (local, pipe:, http(s)://, {a..b})."""
+
+    urls: List[str] = field(default_factory=list)       # training shards
+    val_urls: List[str] = field(default_factory=list)   # evaluation batches are read from these
+    tokenizer: str = ""                # a tokenizer.json (e.g. one prepare_data wrote)
+    seed: Optional[int] = None         # shard order; None = train.seed
+    workers: int = 0                   # DataLoader workers per rank (0: read in the training process)
+    text_field: str = "text"           # field of a sample's .json member holding the text
+
+    def validate(self, prefix: str) -> None:
+        if not self.urls:
+            raise ConfigError(f"{prefix}.urls must list the training shards (paths, pipe:, http(s)://, {{a..b}})")
+        if not self.val_urls:
+            raise ConfigError(f"{prefix}.val_urls must list held-out shards for the evaluation batches")
+        if not self.tokenizer:
+            raise ConfigError(f"{prefix}.tokenizer must name a tokenizer.json")
+        _check_positive(f"{prefix}.workers", self.workers, minimum=0)
+
+
+@dataclass
 class DataConfig:
     kind: str = "synthetic_mqar"
     eval_seed: int = 1_000_003         # held-out stream: training batches come from train.seed
     eval_batches: int = 4              # evaluation batches of train.micro_batch_size sequences
     mqar: MQARDataConfig = field(default_factory=MQARDataConfig)
     shards: ShardsDataConfig = field(default_factory=ShardsDataConfig)
+    webdataset: WebDatasetDataConfig = field(default_factory=WebDatasetDataConfig)
 
     def validate(self, prefix: str = "train.data") -> None:
         _check_choice(f"{prefix}.kind", self.kind, DATA_KINDS)

@@ -1,8 +1,9 @@
 """Documents out of input files, in a fixed order, with bad input counted rather than fatal.
 
-Plain text files (one document per file), JSONL (one document per line, in a `text` field) and
-Parquet (a `text` column; needs pyarrow). Folders are walked in sorted order, so the same inputs give
-the same document sequence on every machine.
+Plain text files (one document per file), JSONL (one document per line, in a `text` field),
+Parquet (a `text` column; needs pyarrow) and webdataset shards of text (`.tar` files, `pipe:` and
+`http(s)://` URLs, brace patterns; one document per sample, see wds_text.py). Folders are walked in
+sorted order, so the same inputs give the same document sequence on every machine.
 """
 from __future__ import annotations
 
@@ -21,11 +22,17 @@ class BadInputError(RuntimeError):
     pass
 
 
-def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
-    """Files as given; folders replaced by their files (recursive, sorted, hidden files left out)."""
-    files: list[Path] = []
-    for item in map(Path, inputs):
-        if item.is_dir():
+def expand_inputs(inputs: Sequence[str | Path]) -> list[Path | str]:
+    """Files as given; folders replaced by their files (recursive, sorted, hidden files left out);
+    webdataset URLs and brace patterns expanded into one URL (a str) per shard."""
+    from megatron_atlas.data.wds_text import expand_urls, is_webdataset
+
+    files: list[Path | str] = []
+    for spec in inputs:
+        item = Path(spec)
+        if is_webdataset(spec) and not item.exists():   # a URL or a pattern: not a local path
+            files += expand_urls([spec])
+        elif item.is_dir():
             files += sorted(p for p in item.rglob("*") if p.is_file()
                             and not any(part.startswith(".") or part in SKIP_DIRS
                                         for part in p.relative_to(item).parts))
@@ -40,7 +47,7 @@ def default_corpus() -> list[Path]:
     return [p for p in expand_inputs([root]) if p.suffix in (".py", ".rst", ".txt")]
 
 
-def _decode(data: bytes, counts: Counter) -> str:
+def decode_text(data: bytes, counts: Counter) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
@@ -53,7 +60,7 @@ def _jsonl(data: bytes, field: str, counts: Counter) -> Iterator[str]:
         if not line.strip():
             continue
         try:
-            record = json.loads(_decode(line, counts))
+            record = json.loads(decode_text(line, counts))
         except json.JSONDecodeError:
             counts["bad_json"] += 1
             continue
@@ -83,24 +90,30 @@ def _parquet(path: Path, field: str, counts: Counter) -> Iterator[str]:
             counts["missing_field"] += 1
 
 
-def iter_documents(files: Sequence[Path], counts: Counter, *, text_field: str = "text",
+def iter_documents(files: Sequence[Path | str], counts: Counter, *, text_field: str = "text",
                    skip_bad_files: bool = False) -> Iterator[str]:
     """Non-empty documents of every file in order. `counts` gains: files, bytes, documents and the
-    skips (non_utf8 (kept, decoded with replacement), empty, missing_field, bad_json, bad_files)."""
-    for path in files:
+    skips (non_utf8 (kept, decoded with replacement), empty, missing_field, bad_json, bad_files,
+    no_text_member: webdataset samples without a .txt or .json member)."""
+    from megatron_atlas.data.wds_text import is_webdataset, shard_documents
+
+    for spec in files:
+        path = Path(spec)
         try:
-            if path.suffix in PARQUET_SUFFIXES:
+            if is_webdataset(spec):
+                texts: Iterator[str] = shard_documents(str(spec), text_field, counts)
+            elif path.suffix in PARQUET_SUFFIXES:
                 counts["bytes"] += path.stat().st_size
-                texts: Iterator[str] = _parquet(path, text_field, counts)
+                texts = _parquet(path, text_field, counts)
             else:
                 data = path.read_bytes()
                 counts["bytes"] += len(data)
                 texts = (_jsonl(data, text_field, counts) if path.suffix in JSONL_SUFFIXES
-                         else iter([_decode(data, counts)]))
+                         else iter([decode_text(data, counts)]))
             docs = list(texts)   # read the whole file here, so an error names it
         except (OSError, BadInputError) as e:
             if not skip_bad_files:
-                raise BadInputError(f"cannot read input {path}: {e} (--skip-bad-files skips and counts "
+                raise BadInputError(f"cannot read input {spec}: {e} (--skip-bad-files skips and counts "
                                     "such files)") from None
             counts["bad_files"] += 1
             continue

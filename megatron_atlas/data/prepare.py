@@ -136,9 +136,10 @@ class SplitWriter:
         self.shards.append({"name": name, "samples": len(windows), "tokens": int(windows.size)})
 
 
-def _plan(args: PrepareArgs, files: Sequence[Path]) -> dict:
+def _plan(args: PrepareArgs, files: Sequence[Path | str]) -> dict:
     """What determines the output: if a rerun's plan differs, the folder holds another job's shards."""
-    inputs = [[str(p), p.stat().st_size if p.is_file() else None] for p in files]
+    # a URL's size is unknown without reading it: the name alone stands for it
+    inputs = [[str(p), p.stat().st_size if isinstance(p, Path) and p.is_file() else None] for p in files]
     keys = ("seq_len", "tokenizer", "vocab_size", "tokenizer_train_mb", "val_fraction", "seed",
             "samples_per_shard", "text_field", "skip_bad_files")
     plan = {k: getattr(args, k) for k in keys}
@@ -148,7 +149,7 @@ def _plan(args: PrepareArgs, files: Sequence[Path]) -> dict:
     return plan
 
 
-def _load_or_train_tokenizer(args: PrepareArgs, files: Sequence[Path], root: Path,
+def _load_or_train_tokenizer(args: PrepareArgs, files: Sequence[Path | str], root: Path,
                              log: Callable[[str], None]) -> Tokenizer:
     saved = root / TOKENIZER
     if saved.is_file():   # an interrupted run of the same plan trained it already
@@ -171,7 +172,7 @@ def _load_or_train_tokenizer(args: PrepareArgs, files: Sequence[Path], root: Pat
     return tok
 
 
-def prepare(args: PrepareArgs, files: Sequence[Path], log: Callable[[str], None] = print) -> dict:
+def prepare(args: PrepareArgs, files: Sequence[Path | str], log: Callable[[str], None] = print) -> dict:
     """Writes the shards and index.json of `files` into `args.out_dir`; returns the index."""
     if args.seq_len < 1 or not 0.0 <= args.val_fraction < 1.0:
         raise ValueError("need seq_len >= 1 and 0 <= val_fraction < 1")
@@ -228,7 +229,8 @@ def prepare(args: PrepareArgs, files: Sequence[Path], log: Callable[[str], None]
              "eod_id": tok.eod_id, "tokenizer": {"file": TOKENIZER, "sha256": tok.sha256},
              "seed": args.seed, "val_fraction": args.val_fraction, "samples_per_shard": per_shard,
              "input": {k: counts[k] for k in ("files", "bytes", "documents")},
-             "skipped": {k: counts[k] for k in ("non_utf8", "empty", "missing_field", "bad_json", "bad_files")},
+             "skipped": {k: counts[k] for k in ("non_utf8", "empty", "missing_field", "bad_json", "bad_files",
+                                                    "no_text_member")},
              "splits": {s: {"shards": w.shards, "documents": w.documents, "dropped_tokens": dropped[s],
                             "samples": sum(x["samples"] for x in w.shards),
                             "tokens": sum(x["tokens"] for x in w.shards)} for s, w in writers.items()}}

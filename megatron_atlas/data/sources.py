@@ -29,6 +29,9 @@ def build_source(cfg: DataConfig, *, batch_size: int, seq_len: int, model_vocab:
     if cfg.kind == "shards":
         return _shard_source(cfg, batch_size=batch_size, seq_len=seq_len, model_vocab=model_vocab,
                              seed=seed, split=split, dp_rank=dp_rank, dp_size=dp_size, start=start)
+    if cfg.kind == "webdataset":
+        return _stream_source(cfg, batch_size=batch_size, seq_len=seq_len, model_vocab=model_vocab, seed=seed,
+                              split=split, dp_rank=dp_rank, dp_size=dp_size, start=start)
     if cfg.kind == "synthetic_mqar":
         mqar = cfg.mqar
         vocab = mqar.vocab_size or model_vocab
@@ -46,6 +49,8 @@ def train_order_seed(cfg: DataConfig, seed: int) -> int:
     """The seed the training sample order follows: `seed`, unless the shards pin their own."""
     if cfg.kind == "shards" and cfg.shards.seed is not None:
         return cfg.shards.seed
+    if cfg.kind == "webdataset" and cfg.webdataset.seed is not None:
+        return cfg.webdataset.seed
     return seed
 
 
@@ -67,3 +72,28 @@ def _shard_source(cfg: DataConfig, *, batch_size: int, seq_len: int, model_vocab
         raise ConfigError(f"the shards in {shards.path} use {source.vocab_size} token ids, more than "
                           f"model.vocab_size={model_vocab}; set model.vocab_size>={source.vocab_size}")
     return source
+
+
+def _stream_source(cfg: DataConfig, *, batch_size: int, seq_len: int, model_vocab: int, seed: int,
+                   split: str, dp_rank: int, dp_size: int, start: Optional[dict]) -> BatchSource:
+    from megatron_atlas.data.stream import StreamingTextSource
+    from megatron_atlas.data.tokenizer import Tokenizer
+
+    wds = cfg.webdataset
+    try:
+        tokenizer = Tokenizer.from_file(wds.tokenizer)
+    except Exception as e:   # tokenizers raises its own exception type for a bad file
+        raise ConfigError(f"train.data.webdataset.tokenizer={wds.tokenizer!r}: {e}") from None
+    if tokenizer.vocab_size > model_vocab:
+        raise ConfigError(f"train.data.webdataset.tokenizer has {tokenizer.vocab_size} ids, more than "
+                          f"model.vocab_size={model_vocab}")
+    # evaluation: the held-out shards read from the start in one stream, the same batches every time
+    urls, workers = (wds.urls, wds.workers) if split == "train" else (wds.val_urls, 0)
+    try:
+        return StreamingTextSource(urls, tokenizer, batch_size=batch_size, seq_len=seq_len,
+                                   seed=train_order_seed(cfg, seed) if split == "train" else seed,
+                                   dp_rank=dp_rank if split == "train" else 0,
+                                   dp_size=dp_size if split == "train" else 1, workers=workers,
+                                   text_field=wds.text_field, start=start if split == "train" else None)
+    except ValueError as e:
+        raise ConfigError(f"train.data.webdataset: {e}") from None

@@ -14,6 +14,7 @@ from megatron_atlas.eval.lm import EvalLM, load_lm, unique_names
 from megatron_atlas.eval.tasks import NEEDLE_KINDS
 
 SUITES = ("ppl", "long_ppl", "niah", "babilong", "mqar")
+DEFAULT_LENGTHS = "1024,2048,4096,8192,16384,32768,65536"
 
 EPILOG = """\
 models: a native run folder (its latest checkpoint), a step-XXXXXXXX folder, a consolidated
@@ -60,10 +61,16 @@ def _names(text: str, allowed: Sequence[str], what: str) -> List[str]:
     return names
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the epilog's layout and shows every option's default."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m megatron_atlas.eval", description=(
         "Evaluate one or more models on perplexity and long-context recall suites; writes "
-        "results.json and a plot to --out."), epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        "results.json and a plot to --out. Without --suites it runs niah, babilong and mqar, the "
+        "text suites at --lengths 1K-64K (see the defaults below)."), epilog=EPILOG,
+        formatter_class=_HelpFormatter)
     p.add_argument("models", nargs="+", help="checkpoints or Hugging Face folders to compare")
     p.add_argument("--out", required=True, help="run folder for results.json and accuracy.png")
     p.add_argument("--suites", default="niah,babilong,mqar", help=f"comma list of {', '.join(SUITES)}")
@@ -71,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None, help="tokenizer.json (or a folder holding one) for text suites")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--samples", type=int, default=5, help="examples per grid cell (niah, babilong)")
-    p.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768,65536", type=_ints,
+    p.add_argument("--lengths", default=DEFAULT_LENGTHS, type=_ints,
                    help="prompt lengths in tokens (niah, babilong)")
     p.add_argument("--depths", default="0.1,0.5,0.9", type=_floats, help="needle depths in [0, 1]")
     p.add_argument("--needles", default="number,word,uuid", help=f"needle kinds: {', '.join(NEEDLE_KINDS)}")
@@ -93,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-chunk", type=int, default=2048, help="tokens per cached step on long prompts")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     return p
+
+
+def _lengths(lengths: Sequence[int]) -> str:
+    return ",".join(f"{n // 1024}K" if n % 1024 == 0 else str(n) for n in lengths)
 
 
 def _mqar_vocab(lm: EvalLM, given: Optional[int]) -> Optional[int]:
@@ -126,9 +137,14 @@ def evaluate_model(lm: EvalLM, args: argparse.Namespace, chosen: Sequence[str], 
             f"{entry['long_ppl']['sliding']['perplexity']:.3f}, streaming "
             f"{entry['long_ppl']['streaming']['perplexity']:.3f}")
     if "niah" in chosen:
+        cells = len(args.lengths) * len(args.depths) * len(_names(args.needles, NEEDLE_KINDS, "needle"))
+        log(f"  [{lm.name}] niah: {cells} cells x {args.samples} samples at lengths {_lengths(args.lengths)}")
         entry["rows"] += suites.run_niah(lm, args.lengths, args.depths, _names(args.needles, NEEDLE_KINDS, "needle"),
                                          args.samples, args.seed, log)
     if "babilong" in chosen:
+        tasks = _names(args.babilong_tasks, ("qa1", "qa2"), "task")
+        log(f"  [{lm.name}] babilong {','.join(tasks)}: {len(tasks) * len(args.lengths)} cells x "
+            f"{args.samples} samples at lengths {_lengths(args.lengths)}")
         entry["rows"] += suites.run_babilong(lm, args.lengths, _names(args.babilong_tasks, ("qa1", "qa2"), "task"),
                                              args.samples, args.seed, args.facts, log)
     if "mqar" in chosen:
@@ -147,8 +163,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise SystemExit(f"--names has {len(names)} labels for {len(args.models)} models")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    print(f"suites {', '.join(chosen)}; results go to {out}", flush=True)
     lms = []
     for i, spec in enumerate(args.models):
+        print(f"loading {spec}", flush=True)
         lm = load_lm(spec, args.tokenizer, names[i] if names else None)
         lm.prefill_chunk = args.prefill_chunk
         lms.append(lm)

@@ -25,9 +25,12 @@ class AtlasConfig(PretrainedConfig):
     model_type = "megatron_atlas"
 
     def __init__(self, atlas: Optional[Dict[str, Any]] = None, atlas_train: Optional[Dict[str, Any]] = None,
-                 **kwargs):
+                 max_position_embeddings: Optional[int] = None, **kwargs):
         self.atlas = dict(atlas or dataclasses.asdict(ModelConfig()))
         self.atlas_train = atlas_train    # the training config of the exported run (for re-import)
+        # The trained sequence length. The recurrent model reads longer inputs, but tools that size
+        # their windows by this field (lm-eval's loglikelihood_rolling) should use what it saw.
+        self.max_position_embeddings = max_position_embeddings or (atlas_train or {}).get("seq_len")
         cfg = model_config_from_dict(self.atlas)
         self.vocab_size = cfg.vocab_size
         self.hidden_size = cfg.d_model

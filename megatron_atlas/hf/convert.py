@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import torch
 from omegaconf import OmegaConf
@@ -37,9 +38,16 @@ def _model_config(run_config: Dict[str, Any]) -> ModelConfig:
     return resolve_ffn_hidden(model_config_from_dict(run_config["model"]))
 
 
-def load_native(checkpoint: str | Path, config: Optional[str | Path] = None
-                ) -> Tuple[ModelConfig, Dict[str, torch.Tensor], Dict[str, Any]]:
-    """(resolved model config, AtlasLM state dict, run config as a dict) of a native checkpoint."""
+class NativeCheckpoint(NamedTuple):
+    cfg: ModelConfig
+    weights: Dict[str, torch.Tensor]
+    run_config: Dict[str, Any]
+    step: Optional[int]          # None for a bare state-dict file that does not record it
+    run_dir: Optional[Path]      # the run folder the checkpoint sits in (metrics.jsonl), if any
+
+
+def read_native(checkpoint: str | Path, config: Optional[str | Path] = None) -> NativeCheckpoint:
+    """A native checkpoint: run folder (its latest), step folder (native or DeepSpeed) or state-dict file."""
     path = Path(checkpoint)
     if path.is_dir() and not (path / STATE_FILE).is_file() and not is_deepspeed_checkpoint(path):
         latest = find_latest(path)
@@ -47,10 +55,12 @@ def load_native(checkpoint: str | Path, config: Optional[str | Path] = None
             raise FileNotFoundError(f"{path}: neither a checkpoint folder ({STATE_FILE}) nor a run folder "
                                     "with checkpoints/")
         path = latest
+    run_dir = path.parent.parent if path.is_dir() and path.parent.name == "checkpoints" else None
     if path.is_dir() and is_deepspeed_checkpoint(path) and not (path / STATE_FILE).is_file():
         from megatron_atlas.train.consolidate import consolidate   # needs deepspeed
 
-        state = {"model": consolidate(path)[0]}
+        weights, trainer_state = consolidate(path)
+        state = {"model": weights, "step": trainer_state.get("step")}
         config_file = Path(config) if config else path / "config.yaml"
     elif path.is_dir():
         state = load_checkpoint(path)
@@ -63,44 +73,76 @@ def load_native(checkpoint: str | Path, config: Optional[str | Path] = None
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file}: the run config (model + train) is needed; pass --config")
     run_config = OmegaConf.to_container(OmegaConf.load(config_file), resolve=True)
-    weights = state["model"] if isinstance(state, dict) and "model" in state else state
-    return _model_config(run_config), weights, run_config
+    holder = isinstance(state, dict) and "model" in state
+    weights = state["model"] if holder else state
+    step = state.get("step") if holder else None
+    return NativeCheckpoint(_model_config(run_config), weights, run_config, step, run_dir)
 
 
-def build_hf_model(cfg: ModelConfig, weights: Dict[str, torch.Tensor], train: Optional[dict] = None):
-    """The HF wrapper (this repo's copy of the class) holding `weights`."""
+def load_native(checkpoint: str | Path, config: Optional[str | Path] = None
+                ) -> Tuple[ModelConfig, Dict[str, torch.Tensor], Dict[str, Any]]:
+    """(resolved model config, AtlasLM state dict, run config as a dict) of a native checkpoint."""
+    native = read_native(checkpoint, config)
+    return native.cfg, native.weights, native.run_config
+
+
+def build_hf_model(cfg: ModelConfig, weights: Dict[str, torch.Tensor], train: Optional[dict] = None,
+                   special: Optional[Dict[str, Optional[int]]] = None):
+    """The HF wrapper (this repo's copy of the class) holding `weights`; `special`: eos/bos/pad ids."""
+    from transformers import GenerationConfig
+
     from megatron_atlas.hf.configuration_atlas import AtlasConfig
     from megatron_atlas.hf.modeling_atlas import AtlasForCausalLM
 
-    config = AtlasConfig(atlas=dataclasses.asdict(cfg), atlas_train=train)
+    special = {k: v for k, v in (special or {}).items() if v is not None}
+    config = AtlasConfig(atlas=dataclasses.asdict(cfg), atlas_train=train, **special)
     config.auto_map = dict(AUTO_MAP)
     config.architectures = ["AtlasForCausalLM"]
     with torch.device("meta"):
         model = AtlasForCausalLM(config)
     model.model.load_state_dict(weights, strict=True, assign=True)
     model.tie_weights()
+    # generate() stops at the end-of-document token and pads finished rows with pad
+    model.generation_config = GenerationConfig(**special)
     return model.eval()
 
 
 def export_hf(checkpoint: str | Path, out: str | Path, max_shard_size: str | int = "2GB",
               tokenizer: Optional[str] = None, config: Optional[str | Path] = None,
               log=print) -> Path:
+    from megatron_atlas.hf.model_card import model_card, read_training_facts
     from megatron_atlas.hf.tokenizer import load_tokenizer, resolve_tokenizer_file, save_hf_tokenizer
     from megatron_atlas.hf.vendor import vendor
 
-    cfg, weights, run_config = load_native(checkpoint, config)
+    native = read_native(checkpoint, config)
+    cfg, run_config = native.cfg, native.run_config
     out = Path(out)
-    model = build_hf_model(cfg, weights, run_config.get("train"))
-    model.save_pretrained(str(out), max_shard_size=max_shard_size, safe_serialization=True)
-    files = vendor(ENTRY_MODULES, out)
-    log(f"wrote weights and config.json; vendored {len(files)} source files")
+    out.mkdir(parents=True, exist_ok=True)
+    trained_length = (run_config.get("train") or {}).get("seq_len")
     tok_file = resolve_tokenizer_file(tokenizer, run_config)
+    special: Dict[str, Optional[int]] = {}
     if tok_file is None and cfg.vocab_size < 256:
         log(f"no tokenizer written: no tokenizer.json given and vocab_size={cfg.vocab_size} < 256 bytes")
     else:
-        save_hf_tokenizer(load_tokenizer(tokenizer, run_config), out, cfg.vocab_size)
+        special = save_hf_tokenizer(load_tokenizer(tokenizer, run_config), out, cfg.vocab_size, trained_length)
         log(f"tokenizer: {tok_file or 'byte-level (id = byte)'}")
+    model = build_hf_model(cfg, native.weights, run_config.get("train"), special)
+    model.save_pretrained(str(out), max_shard_size=max_shard_size, safe_serialization=True)
+    files = vendor(ENTRY_MODULES, out)
+    facts = read_training_facts(native.run_dir, native.step)
+    (out / "README.md").write_text(model_card(cfg, model.model.num_parameters(), run_config.get("train"),
+                                              facts, trained_length, special))
+    _readable_by_all(out)
+    log(f"wrote weights, config.json, generation_config.json and README.md; vendored {len(files)} source files")
     return out
+
+
+def _readable_by_all(folder: Path) -> None:
+    """Files as a plain `cp` or `git clone` leaves them (0644): some writers create theirs 0600,
+    which other users of a shared model folder then cannot read."""
+    for path in folder.iterdir():
+        if path.is_file():
+            os.chmod(path, 0o644)
 
 
 def _read_safetensors(hf_dir: Path) -> Dict[str, torch.Tensor]:

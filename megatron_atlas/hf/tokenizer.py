@@ -16,6 +16,7 @@ from typing import Dict, Optional
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 BYTE_VOCAB = 256
+PAD_TOKEN = "<|pad|>"
 
 
 @lru_cache(maxsize=1)
@@ -65,9 +66,17 @@ def load_tokenizer(spec: Optional[str], run_config: Optional[dict] = None) -> To
     return byte_tokenizer() if path is None else Tokenizer.from_file(str(path))
 
 
-def save_hf_tokenizer(tokenizer: Tokenizer, out_dir: Path, vocab_size: int) -> None:
+def save_hf_tokenizer(tokenizer: Tokenizer, out_dir: Path, vocab_size: int,
+                      model_max_length: Optional[int] = None) -> Dict[str, Optional[int]]:
     """Write tokenizer.json + tokenizer_config.json that `AutoTokenizer.from_pretrained` reads as a
-    PreTrainedTokenizerFast (no custom code)."""
+    PreTrainedTokenizerFast (no custom code); returns the special token ids (eos, bos, pad).
+
+    The end-of-document token, if the tokenizer has one, is eos, bos (documents are packed with it
+    between them) and pad (left-padded rows run unpadded, so pads never reach the model; and HF
+    infers no mask from a pad equal to eos). The byte-level tokenizer has no spare id: its pad is
+    an added `<|pad|>` with the id after the last byte (256), outside the model's ids, so that no
+    real byte is ever taken for padding. No token_type_ids (the model has none).
+    """
     from transformers import PreTrainedTokenizerFast
 
     n = tokenizer.get_vocab_size(with_added_tokens=True)
@@ -76,11 +85,19 @@ def save_hf_tokenizer(tokenizer: Tokenizer, out_dir: Path, vocab_size: int) -> N
     special = {}
     for name in ("<|endoftext|>", "</s>", "<eos>"):
         if tokenizer.token_to_id(name) is not None:
-            special = {"eos_token": name, "bos_token": name}
+            special = {"eos_token": name, "bos_token": name, "pad_token": name}
             break
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, clean_up_tokenization_spaces=False, **special)
+    if not special:   # the byte-level tokenizer: a pad id past the model's ids, never a real byte
+        tokenizer.add_special_tokens([PAD_TOKEN])
+        special = {"pad_token": PAD_TOKEN}
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, clean_up_tokenization_spaces=False,
+                                   model_input_names=["input_ids", "attention_mask"], **special)
+    if model_max_length:
+        fast.model_max_length = model_max_length
     fast.save_pretrained(str(out_dir))
     config_path = Path(out_dir) / "tokenizer_config.json"
     config = json.loads(config_path.read_text())
     config["tokenizer_class"] = "PreTrainedTokenizerFast"
     config_path.write_text(json.dumps(config, indent=2))
+    return {"eos_token_id": fast.eos_token_id, "bos_token_id": fast.bos_token_id,
+            "pad_token_id": fast.pad_token_id}

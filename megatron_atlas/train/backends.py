@@ -16,6 +16,7 @@ from megatron_atlas.parallel.state import ParallelState
 from megatron_atlas.train import checkpoint as ckpt
 from megatron_atlas.train.config import ParallelConfig, TrainConfig
 from megatron_atlas.train.distributed import barrier, is_main_process
+from megatron_atlas.train.zero_to_fp32 import replace_recovery_scripts
 from megatron_atlas.parallel.sharding import partition_dims, shard_state_dict
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -120,6 +121,7 @@ class DeepSpeedBackend:
                      "partition_dims": self.dims, "state_dict_keys": self.keys}
             torch.save(state, tmp / ckpt.DEEPSPEED_STATE_FILE)
             ckpt.fsync_path(tmp / ckpt.DEEPSPEED_STATE_FILE)
+            replace_recovery_scripts(tmp)
             ckpt.publish_checkpoint(tmp, config_yaml, keep_last)
         barrier()
         return final

@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from megatron_atlas.data.config import DataConfig
+from megatron_atlas.data.config import STATEFUL_KINDS, DataConfig
 from megatron_atlas.data.sources import build_source, train_order_seed
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -54,7 +54,7 @@ class TrainStream:
         self.micro_batch_size, self.dp_rank, self.dp_size = micro_batch_size, dp_rank, dp_size
         self.global_batch = micro_batch_size * dp_size
         common = dict(seq_len=seq_len, model_vocab=model_vocab, seed=start["seed"], split="train")
-        if cfg.kind == "shards":
+        if cfg.kind in STATEFUL_KINDS:
             self.source = build_source(cfg, batch_size=micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
                                        start=start, **common)
         else:
@@ -67,13 +67,13 @@ class TrainStream:
         return self.start["consumed"] + k * self.global_batch
 
     def state(self, k: int) -> dict:
-        if self.kind == "shards":
+        if self.kind in STATEFUL_KINDS:
             return self.source.state(k).to_dict()
         position = self._position(k)
         return {"seed": self.start["seed"], "epoch": 0, "consumed": position, "block": self.block}
 
     def batch(self, k: int) -> Batch:
-        if self.kind == "shards":
+        if self.kind in STATEFUL_KINDS:
             return self.source.batch(k)
         first = self._position(k) + self.dp_rank * self.micro_batch_size
         return self._rows(first, self.micro_batch_size)
