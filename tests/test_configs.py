@@ -26,14 +26,19 @@ def test_every_preset_and_size_composes(preset, size):
 
 
 def test_presets_define_the_paper_models():
-    def memory(preset):
-        m = to_model_config(compose(preset, "tiny")).memory
+    def memory(preset, size="tiny"):
+        m = to_model_config(compose(preset, size)).memory
         return m.kind, m.rule, m.loss, m.window, m.degree
 
     assert memory("titans") == ("mlp", "gd", "l2", 1, 1)
     assert memory("omeganet") == ("mlp", "gd", "l2", 4, 2)
-    assert memory("atlas") == ("mlp", "muon", "l2", 4, 2)
-    assert memory("atlas_pp") == ("gated_mlp", "muon", "l2", 4, 2)
+    # the Atlas presets run muon_block; at size=tiny its ns_block is 1 (the exact per-token rule),
+    # at the paper sizes one Newton-Schulz per 2048 tokens
+    assert memory("atlas") == ("mlp", "muon_block", "l2", 4, 2)
+    assert memory("atlas_pp") == ("gated_mlp", "muon_block", "l2", 4, 2)
+    assert to_model_config(compose("atlas", "tiny")).memory.ns_block == 1
+    assert {to_model_config(compose(p, s)).memory.ns_block for p in ("atlas", "atlas_mag")
+            for s in ("170M", "1.3B")} == {2048}
     assert memory("dla")[:3] == ("mlp", "gd", "dot")
     assert not to_model_config(compose("dla", "tiny")).memory.momentum
     blocks = {p: to_model_config(compose(p, "tiny")).block for p in PRESETS}

@@ -45,7 +45,8 @@ def compiled_device(monkeypatch):
     """Pretend the kernels can run on the (fake) CUDA tensor: the device rule is replaced, and the
     device's shared memory is taken to fit (test_shared_memory_of_the_device_decides checks it)."""
     monkeypatch.setattr(triton_entry, "device_reason", lambda kernel, tensor: None)
-    monkeypatch.setattr(triton_entry, "device_fit_reason", lambda cfg, q, width, d_v: None)
+    monkeypatch.setattr(triton_entry, "device_limits", lambda device: DeviceLimits(90, SHARED_MEMORY_PER_BLOCK[90]))
+    monkeypatch.setattr(triton_entry, "device_fit_reason", lambda cfg, width, d_v, dtype, limits: None)
 
 
 @pytest.mark.parametrize("capability,covered", [(90, True), (86, False)])

@@ -61,18 +61,14 @@ def memory_forward_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                 weights[name] = alpha * weights[name] - momentum[name]
             elif cfg.rule == "muon":
                 weights[name] = alpha * weights[name] - eta * newton_schulz(momentum[name], cfg.ns_steps)
-            else:   # muon_block: orthogonalise the block's summed momentum at its end
-                block[f"sum.{name}"] = alpha * block[f"sum.{name}"] + eta * momentum[name]
+            else:   # muon_block: normalised momentum steps; at a block's end, one orthogonal step
+                weights[name] = alpha * weights[name] - eta * normalised_momentum(momentum[name])
                 block[f"start.{name}"] = alpha * block[f"start.{name}"]
-                if block_ends:
-                    weights[name] = block[f"start.{name}"] - block["lr"] * newton_schulz(block[f"sum.{name}"],
-                                                                                          cfg.ns_steps)
-                else:   # inside the block: the momentum step, normalised to an orthogonal one's size
-                    weights[name] = alpha * weights[name] - eta * normalised_momentum(momentum[name])
+                if block_ends:   # what the block's steps moved, orthogonalised, at their summed lr
+                    update = block[f"start.{name}"] - weights[name]
+                    weights[name] = block[f"start.{name}"] - block["lr"] * newton_schulz(update, cfg.ns_steps)
         if cfg.rule == "muon_block" and block_ends:
-            block = {**{f"start.{n}": w for n, w in weights.items()},
-                     **{f"sum.{n}": torch.zeros_like(w) for n, w in weights.items()},
-                     "lr": torch.zeros_like(block["lr"])}
+            block = {**{f"start.{n}": w for n, w in weights.items()}, "lr": torch.zeros_like(block["lr"])}
             block_tokens = 0
         q_t = prep.q[:, :, t:t + 1]
         residual = q_t if prep.residual else 0.0

@@ -65,9 +65,8 @@ class MemoryState:
     weights/momentum: name -> [B, H, out, in]. window_k: [B, c-1, H, d_k] (unlifted keys),
     window_v: [B, c-1, H, d_v], window_g: [B, c-1, H]; tokens that do not exist yet have g = 0.
     block (rule `muon_block` only): the open orthogonalisation block, "start.<name>" (its start
-    weights, decayed by the retention since) and "sum.<name>" (its lr-weighted momentum sum),
-    [B, H, out, in], and "lr" [B, H, 1, 1] (its summed decayed learning rate); block_tokens: how
-    many of its tokens are already in.
+    weights, decayed by the retention since) [B, H, out, in], and "lr" [B, H, 1, 1] (its summed
+    decayed learning rate); block_tokens: how many of its tokens are already in.
     """
 
     weights: Dict[str, torch.Tensor]
@@ -88,9 +87,7 @@ def initial_state(params: Dict[str, torch.Tensor], cfg: MemoryConfig, batch: int
     zeros = dict(dtype=dtype, device=device)
     block = {}
     if cfg.rule == "muon_block":
-        block = {**{f"start.{n}": w for n, w in weights.items()},
-                 **{f"sum.{n}": torch.zeros_like(w) for n, w in weights.items()},
-                 "lr": torch.zeros(batch, heads, 1, 1, **zeros)}
+        block = {**{f"start.{n}": w for n, w in weights.items()}, "lr": torch.zeros(batch, heads, 1, 1, **zeros)}
     return MemoryState(
         weights=weights,
         momentum={n: torch.zeros_like(w) for n, w in weights.items()},

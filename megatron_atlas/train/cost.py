@@ -1,52 +1,40 @@
 """What a training run will cost before it starts: FLOPs per token and peak memory per GPU.
 
 FLOPs come from `flops.training_flops_per_token` (the model's own ops, counted on the meta device).
-Memory is estimated the same way, without allocating anything: one block's forward runs on the
-meta device under saved-tensor hooks, which see every tensor autograd keeps for the backward (the
-memory operator's too: it saves through `save_for_backward`), and the run's peak is
+Memory is simulated the same way, without allocating anything: one block's forward and backward,
+and the LM head with the loss, run on the meta device while a dispatch mode tracks the bytes of
+every live tensor (a tensor is live until its last Python reference goes; saved-tensor hooks keep
+autograd's saved tensors visible as references). From those, a step's peak is
 
-    weights, AdamW moments and gradients (16 bytes per parameter) + the bf16 weight casts of autocast
-    + activations: without checkpointing, every block's saved tensors; with per-block
-      checkpointing, every block's input plus one block's saved tensors (the one recomputed)
-    + the LM head and loss: logits, their fp32 copy and their gradient.
+    weights, AdamW moments (12 bytes per parameter) + the bf16 weight casts under autocast
+    + max(end of the forward: the activations every block keeps + the head's and loss's peak,
+          backward: the activations still kept + one block's forward-and-backward peak + fp32 gradients)
 
-The estimate is validated against a measured CPU run in tests/test_cost.py (within 25%).
+where a block keeps its saved tensors (without checkpointing) or only its input (per-block
+checkpointing: the block's forward runs again inside its backward). tests/test_cost.py checks the
+estimate against a measured CPU run (within 25%).
 """
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from megatron_atlas.model.blocks import Block
 from megatron_atlas.model.config import ModelConfig
+from megatron_atlas.train.loss import loss_sum
 
 GIB = 1024 ** 3
 
 
-def saved_bytes(module: torch.nn.Module, batch_input: torch.Tensor) -> int:
-    """Bytes of the distinct storages autograd saves for the backward of `module(batch_input)`,
-    leaving out the parameters and the input (they exist whether or not autograd keeps them)."""
-    storages: dict[int, int] = {}
-    owned = {p.untyped_storage()._cdata for p in module.parameters()} | {batch_input.untyped_storage()._cdata}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage._cdata not in owned:
-            storages[storage._cdata] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _fused_attention_memory():
-        module(batch_input.requires_grad_(True))
-    return sum(storages.values())
-
-
 class _FusedAttentionMemory(torch.autograd.Function):
-    """Stands in for scaled_dot_product_attention while counting: on the meta device SDPA takes its
-    math path and saves the T x T probabilities, which the fused kernels a GPU (and the CPU) run
+    """Stands in for scaled_dot_product_attention while simulating: on the meta device SDPA takes its
+    math path and keeps the T x T probabilities, which the fused kernels a GPU (and the CPU) run
     never keep; they save q, k, v, the output and one log-sum-exp per query."""
 
     @staticmethod
@@ -56,25 +44,81 @@ class _FusedAttentionMemory(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad):   # pragma: no cover - counting runs no backward
-        raise NotImplementedError
+    def backward(ctx, grad):
+        q, k, v, _, _ = ctx.saved_tensors
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), None
 
 
 @contextlib.contextmanager
 def _fused_attention_memory():
     plain = F.scaled_dot_product_attention
 
-    def counted(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    def simulated(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
         if attn_mask is not None:   # masked calls (short sequences, decoding) keep their real cost
             return plain(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
                          enable_gqa=enable_gqa)
         return _FusedAttentionMemory.apply(q, k, v, q.new_empty(q.shape[:-1], dtype=torch.float32))
 
-    F.scaled_dot_product_attention = counted
+    F.scaled_dot_product_attention = simulated
     try:
         yield
     finally:
         F.scaled_dot_product_attention = plain
+
+
+class LiveBytes(TorchDispatchMode):
+    """Tracks the bytes of the storages that tensors created under it keep alive, and their peak."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refs: dict[int, int] = {}      # storage -> live tensors referring to it
+        self.sizes: dict[int, int] = {}
+        self.live = 0
+        self.peak = 0
+
+    def _release(self, key: int) -> None:
+        self.refs[key] -= 1
+        if self.refs[key] == 0:
+            self.live -= self.sizes.pop(key)
+            del self.refs[key]
+
+    def _track(self, t: torch.Tensor) -> None:
+        key = t.untyped_storage()._cdata
+        if key not in self.refs:
+            self.refs[key], self.sizes[key] = 0, t.untyped_storage().nbytes()
+            self.live += self.sizes[key]
+            self.peak = max(self.peak, self.live)
+        self.refs[key] += 1
+        weakref.finalize(t, self._release, key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor):
+                self._track(t)
+        return out
+
+    def reset_peak(self) -> None:
+        self.peak = self.live
+
+
+@dataclass
+class Phase:
+    kept: int     # bytes still live when the forward ends (what autograd keeps, the output)
+    peak: int     # the most bytes live at once during forward and backward
+
+
+def simulate(run_forward: Callable[[], torch.Tensor]) -> Phase:
+    """Forward (kept bytes measured at its end), then backward of the result, on the meta device."""
+    mode = LiveBytes()
+    keep = []   # autograd's saved tensors, as Python references the mode can see
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t), _fused_attention_memory(), mode:
+        out = run_forward()
+        keep.append(out)
+        kept = mode.live
+        out.backward(torch.empty_like(out))
+        del out, keep
+    return Phase(kept, mode.peak)
 
 
 @dataclass
@@ -83,30 +127,43 @@ class MemoryEstimate:
 
     parameters: int
     weights_and_optimizer: int     # fp32 weights, two AdamW moments, bf16 casts
-    activations: int               # what the forward keeps for the backward
     gradients: int                 # fp32 parameter gradients
-    head_and_loss: int             # logits, fp32 copy, gradient
-    per_layer_saved: int           # one block's saved tensors (a layer's share without checkpointing)
+    end_of_forward: int            # activations kept by every block + the head and loss's peak
+    during_backward: int           # activations still kept + one block's peak
+    per_layer_kept: int            # what one block keeps for its backward (without checkpointing)
 
     @property
     def total(self) -> int:
-        return self.weights_and_optimizer + self.gradients + self.activations + self.head_and_loss
+        return self.weights_and_optimizer + max(self.end_of_forward, self.during_backward + self.gradients)
 
 
 def estimate_training_memory(cfg: ModelConfig, seq_len: int, batch: int = 1, checkpointing: bool = True,
                              bf16: bool = True, parameters: Optional[int] = None) -> MemoryEstimate:
     """The peak memory of one training step of `cfg` (ffn_hidden resolved), per GPU without TP/ZeRO."""
-    activation_dtype = torch.bfloat16 if bf16 else torch.float32
+    return estimates(cfg, seq_len, batch, bf16, parameters)[checkpointing]
+
+
+def estimates(cfg: ModelConfig, seq_len: int, batch: int = 1, bf16: bool = True,
+              parameters: Optional[int] = None) -> dict[bool, MemoryEstimate]:
+    """{checkpointing: estimate} for both settings, from one simulation."""
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    tokens = seq_len + cfg.n_persist
     with torch.device("meta"):
-        block = Block(cfg, cfg.ffn_hidden).to(activation_dtype)
-        layer = saved_bytes(block, torch.empty(batch, seq_len + cfg.n_persist, cfg.d_model, dtype=activation_dtype))
+        block = Block(cfg, cfg.ffn_hidden).to(dtype)
+        head = torch.nn.Linear(cfg.d_model, cfg.vocab_size, bias=False).to(dtype)
+        labels = torch.zeros(batch, seq_len, dtype=torch.long)
+        layer = simulate(lambda: block(torch.empty(batch, tokens, cfg.d_model, dtype=dtype, requires_grad=True))[0])
+        loss = simulate(lambda: loss_sum(head(torch.empty(batch, seq_len, cfg.d_model, dtype=dtype,
+                                                           requires_grad=True)), labels))
         if parameters is None:
             from megatron_atlas.model import build_model
             parameters = build_model(cfg).num_parameters()
-    width = 2 if bf16 else 4
-    weights = parameters * (12 + (2 if bf16 else 0))
-    residual = batch * (seq_len + cfg.n_persist) * cfg.d_model * 4    # the fp32 residual stream at a block input
-    activations = cfg.n_layers * residual + layer if checkpointing else cfg.n_layers * layer
-    logits = batch * seq_len * cfg.vocab_size
-    head = logits * (width + 4 + 4)                                   # logits, fp32 copy, gradient
-    return MemoryEstimate(parameters, weights, activations, 4 * parameters, head, layer)
+    residual = batch * tokens * cfg.d_model * 4           # the fp32 residual stream at a block input
+    out = {}
+    for checkpointing in (True, False):
+        per_layer = residual if checkpointing else layer.kept
+        out[checkpointing] = MemoryEstimate(
+            parameters, parameters * (12 + (2 if bf16 else 0)), 4 * parameters,
+            end_of_forward=cfg.n_layers * per_layer + loss.peak,
+            during_backward=(cfg.n_layers - 1) * per_layer + layer.peak + residual, per_layer_kept=layer.kept)
+    return out

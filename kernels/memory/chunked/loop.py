@@ -109,11 +109,11 @@ class _ChunkInputs(NamedTuple):
 
 def state_keys(cfg: MemoryConfig) -> Tuple[str, ...]:
     """The flat names of the state a chunk step carries: "weights.W", "momentum.W", and under
-    muon_block the open block's "start.W", "sum.W" and "lr"."""
+    muon_block the open block's "start.W" and "lr"."""
     names = cfg.weight_names
     keys = tuple(f"weights.{n}" for n in names) + tuple(f"momentum.{n}" for n in names)
     if cfg.rule == "muon_block":
-        keys += tuple(f"start.{n}" for n in names) + tuple(f"sum.{n}" for n in names) + ("lr",)
+        keys += tuple(f"start.{n}" for n in names) + ("lr",)
     return keys
 
 
@@ -127,10 +127,10 @@ def _chunk_step(cfg: MemoryConfig, residual: bool, a: Optional[torch.Tensor], x:
                                x.k_win if residual else torch.zeros_like(x.v_win), x.v_win)
     u_q = poly_features(x.q, a, cfg.degree)
     read_residual = x.q if residual else 0.0
-    if cfg.rule == "muon_block":
+    if cfg.rule == "muon_block" and cfg.ns_block > 1:
         return muon_block_chunk(cfg, factors, poly_kernel(x.q, x.k_win, a, cfg.degree), u_q, read_residual,
                                 x.alpha, x.eta, x.theta, x.g_win, state, block_tokens)
-    if cfg.rule == "gd":
+    if cfg.rule == "gd":   # (the muon branch below also serves muon_block at ns_block 1)
         one = lambda t: None if t is None else t.unsqueeze(2)  # noqa: E731  (a chunk axis of 1)
         coef = GdCoefficients(*(None if t is None else t.squeeze(2) for t in gd_coefficients(
             one(x.alpha), one(x.eta), one(x.theta), one(x.g_win), cfg.window)))
@@ -139,7 +139,11 @@ def _chunk_step(cfg: MemoryConfig, residual: bool, a: Optional[torch.Tensor], x:
     else:
         coef = chunk_coefficients(x.alpha, x.theta, x.g_win, cfg.window)
         y, weights, momentum = _muon_chunk(cfg, coef, x.eta, factors, weights, momentum, u_q, read_residual)
-    return y, {**{f"weights.{n}": w for n, w in weights.items()}, **{f"momentum.{n}": m for n, m in momentum.items()}}
+    end = {**{f"weights.{n}": w for n, w in weights.items()}, **{f"momentum.{n}": m for n, m in momentum.items()}}
+    if cfg.rule == "muon_block":   # ns_block 1 is muon itself: every token closes its own block
+        end.update({f"start.{n}": w for n, w in weights.items()})
+        end["lr"] = torch.zeros_like(state["lr"])
+    return y, end
 
 
 def _chunk_slices(inputs: _ChunkInputs, start: int, stop: int, window: int) -> _ChunkInputs:

@@ -2,24 +2,25 @@
 
 The exact `muon` rule orthogonalises every token's momentum, one Newton-Schulz per token, matrix
 and head: at the paper's sizes that is 150-470x a Transformer's FLOPs. `muon_block` keeps the exact
-momentum S_t and orthogonalises what a block of u tokens adds to the weights, once, at the block's
-end (the token loop in reference.py is the definition):
+momentum S_t, takes normalised momentum steps inside a block of u tokens, and at the block's end
+replaces what those steps moved by its orthogonalisation, at the block's summed learning rate (the
+token loop in reference.py is the definition):
 
-    M = sum_{m in block} (prod_{m < r <= e} alpha_r) eta_m S_m        lr = sum_m (prod alpha) eta_m
-    W_e = (prod_{block} alpha) W_start - lr * NS(M)                     at the block's last token e
+    W_t = alpha_t W_{t-1} - eta_t S_t sqrt(r) / ||S_t||_F                 inside the block
+    W_e = B - lr NS(B - W_e),  B = (prod_block alpha) W_start,  lr = sum_m (prod_{m<r<=e} alpha_r) eta_m
 
 so the block takes one orthogonal step as long as its tokens' steps together (the Muon optimiser's
-step on a batch of u gradients). Inside a block a token reads the weights after the momentum steps
-of the block's tokens so far, each normalised to the Frobenius norm of an orthogonal matrix
-(`memory_function.normalised_momentum`): causal, and at the same scale as the block's final step.
-At ns_block = 1 every token ends a block and the rule is `muon`, exactly.
+step on a batch of u gradients), and every token between block ends reads weights that include the
+block's steps so far (causal), at the scale of an orthogonal step (r = min(out, in): the Frobenius
+norm of a full-rank orthogonal matrix). At ns_block = 1 every token ends a block and the rule is
+`muon` exactly (NS is scale-invariant).
 
 In the dual form all of a chunk's gradients are taken at its start weights (as for every rule), so
 a chunk is processed in segments that end where blocks end: per segment, the reads are the `gd`
-dual form with the normalised learning rates eta_m / nu_m (nu_m = ||S_m||_F / sqrt(rank), from a
-quadratic form over the segment's rank-one gradients, never S_m itself), and the block sum M,
-momentum and weights move to the segment's end with rank-N products. Nothing b x state-sized is
-formed: one Newton-Schulz per block, matrix and head.
+dual form with the normalised learning rates eta_m / nu_m (nu_m = ||S_m||_F / sqrt(r), from a
+quadratic form over the segment's rank-one gradients, never S_m itself), and momentum and weights
+move to the segment's end with rank-N products. One Newton-Schulz per block, matrix and head; no
+per-token state is formed.
 """
 from __future__ import annotations
 
@@ -67,7 +68,7 @@ def _segment(cfg: MemoryConfig, state: Dict[str, Tensor], factors: Factors, firs
     rows = flush_tiny(coef.momentum_pairs @ coef.window)    # S_t's rank-one weights, no eta: [.., L, N]
     carry = coef.momentum_carry                              # P_t (None: no momentum)
     retain = coef.retain
-    end_weights = coef.retain_pairs[..., -1, :] * eta        # lr of token m in the block sum: [.., L]
+    end_weights = coef.retain_pairs[..., -1, :] * eta        # each token's lr, decayed to the end: [.., L]
     new: Dict[str, Tensor] = {}
     mixing, read_carry = {}, {}
     for name in names:
@@ -93,20 +94,17 @@ def _segment(cfg: MemoryConfig, state: Dict[str, Tensor], factors: Factors, firs
     for name in names:
         momentum = state[f"momentum.{name}"]
         end_carry = 0.0 if carry is None else carry[..., -1, None, None]
-        sum_carry = 0.0 if carry is None else (end_weights * carry).sum(-1)[..., None, None]
         new[f"momentum.{name}"] = _plus_outer_sum(end_carry * momentum, rows[..., -1, :], factors[name])
         base = decay * state[f"weights.{name}"]
         if read_carry[name] is not None:
             base = base - read_carry[name][..., -1, :, None] * momentum
         new[f"weights.{name}"] = _plus_outer_sum(base, -mixing[name][..., -1, :], factors[name])
-        new[f"sum.{name}"] = _plus_outer_sum(decay * state[f"sum.{name}"] + sum_carry * momentum,
-                                             (end_weights.unsqueeze(-2) @ rows).squeeze(-2), factors[name])
         new[f"start.{name}"] = decay * state[f"start.{name}"]
     if ends_block:   # one orthogonal step for the block; its last token reads the result
         for name in names:
-            weights = new[f"start.{name}"] - lr * newton_schulz_auto(new[f"sum.{name}"], cfg.ns_steps)
+            update = new[f"start.{name}"] - new[f"weights.{name}"]     # what the block's steps moved
+            weights = new[f"start.{name}"] - lr * newton_schulz_auto(update, cfg.ns_steps)
             new[f"weights.{name}"] = new[f"start.{name}"] = weights
-            new[f"sum.{name}"] = torch.zeros_like(weights)
         new["lr"] = torch.zeros_like(lr)
         last = memory_apply(cfg.kind, matmul_linear({n: new[f"weights.{n}"] for n in names}), u_q[..., -1:, :],
                             residual if isinstance(residual, float) else residual[..., -1:, :])

@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from kernels.triton_support import (LaunchConfig, device_limits, device_reason, next_pow2,
+from kernels.triton_support import (DeviceLimits, LaunchConfig, device_limits, device_reason, next_pow2,
                                     shared_memory_reason)
 
 from ..features import feature_dim, poly_features
@@ -33,11 +33,18 @@ KINDS = ("linear", "mlp")
 
 def unsupported_reason(cfg: MemoryConfig, q: torch.Tensor, d_v: Optional[int] = None) -> Optional[str]:
     """None when impl="triton" covers `cfg` for inputs like q [B, T, H, d_k] and values of width d_v
-    (default d_k); else the option at fault."""
-    d_v = q.shape[-1] if d_v is None else d_v
+    (default d_k) on q's device; else the option at fault."""
     device = device_reason(linear_gd_fwd, q)
     if device is not None:
         return device
+    return coverage_reason(cfg, q.shape[-1], q.shape[-1] if d_v is None else d_v, q.dtype,
+                           device_limits(q.device) if q.is_cuda else None)
+
+
+def coverage_reason(cfg: MemoryConfig, d_k: int, d_v: int, dtype: torch.dtype,
+                    limits: Optional[DeviceLimits]) -> Optional[str]:
+    """None when the kernels cover `cfg` for key width d_k, value width d_v and inputs of `dtype`
+    on a device with `limits` (None: not checked, e.g. the CPU interpreter); else the reason."""
     if cfg.kind not in KINDS:
         return f"kind={cfg.kind!r} (Triton covers kind in {KINDS})"
     if cfg.rule != "gd":
@@ -48,17 +55,17 @@ def unsupported_reason(cfg: MemoryConfig, q: torch.Tensor, d_v: Optional[int] = 
         return f"window={cfg.window} with chunk={cfg.chunk} (Triton needs window - 1 <= chunk)"
     if cfg.state_dtype != torch.float32:
         return f"state_dtype={cfg.state_dtype} (Triton keeps the state in torch.float32)"
-    if q.dtype not in INPUT_DTYPES:
-        return f"input dtype {q.dtype} (Triton covers {', '.join(map(str, INPUT_DTYPES))})"
-    width = feature_dim(q.shape[-1], cfg.degree)
+    if dtype not in INPUT_DTYPES:
+        return f"input dtype {dtype} (Triton covers {', '.join(map(str, INPUT_DTYPES))})"
+    width = feature_dim(d_k, cfg.degree)
     if next_pow2(width) > MAX_FEATURE_BLOCK:
-        return (f"feature width D={width} (d_k={q.shape[-1]}, degree={cfg.degree}); "
+        return (f"feature width D={width} (d_k={d_k}, degree={cfg.degree}); "
                 f"Triton keeps the state in registers and covers D <= {MAX_FEATURE_BLOCK}")
     if cfg.kind == "mlp":
-        reason = mlp_unsupported_reason(cfg, width, d_v, q.dtype)
+        reason = mlp_unsupported_reason(cfg, width, d_v, dtype)
         if reason is not None:
             return reason
-    return device_fit_reason(cfg, q, width, d_v) if q.is_cuda else None
+    return None if limits is None else device_fit_reason(cfg, width, d_v, dtype, limits)
 
 
 def launch_configs(cfg: MemoryConfig, width: int, d_v: int, dtype: torch.dtype) -> List[LaunchConfig]:
@@ -68,10 +75,11 @@ def launch_configs(cfg: MemoryConfig, width: int, d_v: int, dtype: torch.dtype) 
     return mlp_launch_configs(dtype, mlp_meta(cfg, width, d_v, dtype))
 
 
-def device_fit_reason(cfg: MemoryConfig, q: torch.Tensor, width: int, d_v: int) -> Optional[str]:
-    """None when the variants a call would launch fit the shared memory of q's device (each
-    compiled ahead of time once, for that device's compute capability), else which does not."""
-    return shared_memory_reason(launch_configs(cfg, width, d_v, q.dtype), device_limits(q.device))
+def device_fit_reason(cfg: MemoryConfig, width: int, d_v: int, dtype: torch.dtype,
+                      limits: DeviceLimits) -> Optional[str]:
+    """None when the variants a call would launch fit the device's shared memory (each compiled
+    ahead of time once, for its compute capability), else which does not."""
+    return shared_memory_reason(launch_configs(cfg, width, d_v, dtype), limits)
 
 
 def _flat(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
