@@ -38,6 +38,28 @@ def test_chunked_equals_reference(kind, rule, loss, window, chunk, degree):
         assert relative_error(actual, expected) < 1e-8
 
 
+@pytest.mark.parametrize("momentum", [True, False])
+@pytest.mark.parametrize("kind,rule", list(itertools.product(["linear", "mlp", "gated_mlp"], ["gd", "muon"])))
+def test_chunked_equals_reference_with_retention_towards_zero(kind, rule, momentum):
+    """anchor=False: retention decays towards zero, as the papers write the rules."""
+    cfg = MemoryConfig(kind, rule, "l2", window=2, chunk=4, degree=2, anchor=False)
+    y_ref, s_ref, g_ref = _run_with_grads("reference", cfg, make_inputs(cfg, momentum=momentum))
+    y, s, g = _run_with_grads("chunked", cfg, make_inputs(cfg, momentum=momentum))
+    assert relative_error(y, y_ref) < 1e-8
+    for name in s_ref.weights:
+        assert relative_error(s.weights[name], s_ref.weights[name]) < 1e-8
+    for actual, expected in zip(g, g_ref):
+        assert relative_error(actual, expected) < 1e-8
+
+
+def test_anchored_retention_differs_from_retention_towards_zero():
+    cfg = MemoryConfig("mlp", "gd", "l2", window=2, chunk=4)
+    zero = MemoryConfig("mlp", "gd", "l2", window=2, chunk=4, anchor=False)
+    y, _ = memory_forward(*make_inputs(cfg), cfg, impl="chunked")
+    y_zero, _ = memory_forward(*make_inputs(zero), zero, impl="chunked")
+    assert relative_error(y, y_zero) > 1e-3
+
+
 @pytest.mark.parametrize("kind,rule", [("mlp", "gd"), ("gated_mlp", "muon"), ("linear", "gd")])
 def test_chunked_without_momentum(kind, rule):
     cfg = MemoryConfig(kind, rule, "l2", window=2, chunk=4, degree=2)
@@ -118,8 +140,9 @@ def test_gradients_through_carried_state(kind, loss, window, degree, d_v):
         assert relative_error(actual, expected) < 1e-8
 
 
-def _online_linear(q, k, v, gates: Gates, W0, rule: str, window: int, ns_steps: int = 5):
-    """The per-token rule for a linear memory with l2 loss, written out by hand (b = 1).
+def _online_linear(q, k, v, gates: Gates, W0, rule: str, window: int, anchor=None, ns_steps: int = 5):
+    """The per-token rule for a linear memory with l2 loss, written out by hand (b = 1); with
+    `anchor`, retention decays towards it instead of towards zero.
 
     Every gradient of token t's window is taken at W_{t-1}: grad_W 0.5||W k_i - v_i||^2 = (W k_i - v_i) k_i^T.
     """
@@ -135,23 +158,26 @@ def _online_linear(q, k, v, gates: Gates, W0, rule: str, window: int, ns_steps: 
             U = U + gates.g[:, i, :, None, None] * torch.einsum("bho,bhk->bhok", err, k_i)
         a, e, th = (gates.alpha[:, t, :, None, None], gates.eta[:, t, :, None, None],
                     gates.theta[:, t, :, None, None])
+        kept = a * W if anchor is None else anchor + a * (W - anchor)
         if rule == "gd":
             S = th * S + e * U
-            W = a * W - S
+            W = kept - S
         else:
             S = th * S + U
-            W = a * W - e * newton_schulz(S, ns_steps)
+            W = kept - e * newton_schulz(S, ns_steps)
         out.append(torch.einsum("bhok,bhk->bho", W, q[:, t]))
     return torch.stack(out, dim=1), W
 
 
+@pytest.mark.parametrize("anchored", [True, False])
 @pytest.mark.parametrize("impl", ["reference", "chunked"])
 @pytest.mark.parametrize("rule,window", [("gd", 1), ("gd", 3), ("muon", 1), ("muon", 2)])
-def test_chunk_one_is_the_online_rule(impl, rule, window):
-    cfg = MemoryConfig("linear", rule, "l2", window=window, chunk=1, degree=1)
+def test_chunk_one_is_the_online_rule(impl, rule, window, anchored):
+    cfg = MemoryConfig("linear", rule, "l2", window=window, chunk=1, degree=1, anchor=anchored)
     q, k, v, gates, params = make_inputs(cfg, length=9, d_k=4, d_v=3)
     y, state = memory_forward(q, k, v, gates, params, cfg, impl=impl)
-    y_online, W_online = _online_linear(q, k, v, gates, params["W"], rule, window)
+    W0 = params["W"].unsqueeze(0) if anchored else None   # anchored retention decays towards W0
+    y_online, W_online = _online_linear(q, k, v, gates, params["W"], rule, window, W0)
     assert relative_error(y, y_online) < 1e-10
     assert relative_error(state.weights["W"], W_online) < 1e-10
 

@@ -56,6 +56,12 @@ def test_chunked_equals_reference(kind, loss, window, degree, blocks):
 
 
 @pytest.mark.parametrize("kind", ["linear", "mlp", "gated_mlp"])
+def test_chunked_equals_reference_with_retention_towards_zero(kind):
+    cfg = MemoryConfig(kind, "muon_block", "l2", window=2, chunk=4, degree=2, ns_block=8, anchor=False)
+    _assert_same(_run("chunked", cfg, make_inputs(cfg, length=13)), _run("reference", cfg, make_inputs(cfg, length=13)))
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp", "gated_mlp"])
 def test_chunked_equals_reference_without_momentum(kind):
     cfg = MemoryConfig(kind, "muon_block", "l2", window=2, chunk=4, degree=2, ns_block=8)
     inputs = lambda: make_inputs(cfg, length=13, momentum=False)  # noqa: E731

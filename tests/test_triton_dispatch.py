@@ -15,7 +15,7 @@ from kernels.triton_support import SHARED_MEMORY_PER_BLOCK, DeviceLimits
 from tests.memory_cases import make_inputs
 
 COVERED = MemoryConfig("linear", "gd", "l2", window=3, chunk=32, degree=1)
-COVERED_MLP = MemoryConfig("mlp", "gd", "dot", window=1, chunk=64, degree=1)
+COVERED_MLP = MemoryConfig("mlp", "gd", "dot", window=1, chunk=64, degree=1, anchor=False)
 UNCOVERED = {
     "kind='gated_mlp'": MemoryConfig("gated_mlp", "gd", "l2", chunk=16),
     "rule='muon'": MemoryConfig("linear", "muon", "l2", chunk=16),
@@ -24,7 +24,9 @@ UNCOVERED = {
     "state_dtype=torch.float64": MemoryConfig("linear", "gd", "l2", chunk=16, state_dtype=torch.float64),
     "feature width D=153": MemoryConfig("linear", "gd", "l2", chunk=16, degree=2),
     # the MLP kernels hold a chunk's tiles whole: at most 64 window tokens, lifted keys, values
-    "window tokens per chunk b + c - 1=65": MemoryConfig("mlp", "gd", "l2", window=2, chunk=64),
+    "window tokens per chunk b + c - 1=65": MemoryConfig("mlp", "gd", "l2", window=2, chunk=64, anchor=False),
+    # the MLP kernels retain towards zero; anchored retention runs chunked
+    "anchor=True with kind='mlp'": MemoryConfig("mlp", "gd", "l2", window=1, chunk=16),
 }
 
 
@@ -56,14 +58,14 @@ def test_shared_memory_of_the_device_decides(monkeypatch, capability, covered):
     monkeypatch.setattr(triton_entry, "device_reason", lambda kernel, tensor: None)
     limits = DeviceLimits(capability, SHARED_MEMORY_PER_BLOCK[capability])
     monkeypatch.setattr(triton_entry, "device_limits", lambda device: limits)
-    cfg = MemoryConfig("mlp", "gd", "l2", window=1, chunk=64, degree=1)
+    cfg = MemoryConfig("mlp", "gd", "l2", window=1, chunk=64, degree=1, anchor=False)
     q = _q(d_k=64, dtype=torch.float32)
     assert resolve_impl("auto", q, cfg, d_v=64) == ("triton" if covered else "chunked")
     if not covered:
         with pytest.raises(ValueError, match=f"shared memory: mlp_gd_bwd .* sm_{capability} allows 99 KiB"):
             resolve_impl("triton", q, cfg, d_v=64)
     if not covered:   # a small MLP memory fits even the smallest budget
-        assert resolve_impl("auto", _q(d_k=16), MemoryConfig("mlp", "gd", "l2", chunk=16), d_v=16) == "triton"
+        assert resolve_impl("auto", _q(d_k=16), MemoryConfig("mlp", "gd", "l2", chunk=16, anchor=False), d_v=16) == "triton"
 
 
 def test_auto_picks_triton_on_cuda_for_covered_options(compiled_device):
@@ -84,7 +86,7 @@ def test_mlp_value_width_decides_coverage(compiled_device):
 
 def test_mlp_mixed_precision_limit_at_chunk_64(compiled_device):
     """16-bit inputs with fp32 degree-2 features at b = 64 stop at D, d_v <= 32 (shared memory)."""
-    cfg = MemoryConfig("mlp", "gd", "l2", window=1, chunk=64, degree=2)
+    cfg = MemoryConfig("mlp", "gd", "l2", window=1, chunk=64, degree=2, anchor=False)
     assert resolve_impl("auto", _q(d_k=6), cfg, d_v=6) == "triton"            # D = 28
     assert resolve_impl("auto", _q(d_k=8), cfg, d_v=8) == "chunked"           # D = 45
     assert resolve_impl("auto", _q(d_k=8, dtype=torch.float32), cfg, d_v=8) == "triton"
@@ -97,7 +99,7 @@ def test_mlp_lifted_width_decides_coverage(compiled_device):
     lifted = dict(window=1, chunk=16, degree=2)
     assert resolve_impl("auto", _q(d_k=10), MemoryConfig("linear", "gd", "l2", **lifted)) == "triton"
     with pytest.raises(ValueError, match="lifted key width D=66"):
-        resolve_impl("triton", _q(d_k=10), MemoryConfig("mlp", "gd", "l2", **lifted), d_v=10)
+        resolve_impl("triton", _q(d_k=10), MemoryConfig("mlp", "gd", "l2", anchor=False, **lifted), d_v=10)
 
 
 @pytest.mark.parametrize("option", list(UNCOVERED))

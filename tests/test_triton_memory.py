@@ -38,6 +38,8 @@ class Case(NamedTuple):
     batch: int = 1
     d_hidden: int = 40          # mlp: three hidden blocks of the kernels' loop, the last partial
     lr_scale: float = 1.0       # scales eta: longer MLP cases diverge (to 1e165) at the default draw
+    anchor: bool = True         # anchored retention: the linear path runs it exactly on the kernels'
+                                # rule; the MLP kernels retain towards zero (anchor=False)
 
     @property
     def name(self) -> str:
@@ -56,6 +58,8 @@ LINEAR_CASES = [
     Case("linear", "l2", 2, 16, 1, length=32, batch=2),   # T a multiple of b; batch > 1
     Case("linear", "l2", 2, 16, 2, dtype="bfloat16"),
     Case("linear", "dot", 3, 32, 1, dtype="float16"),
+    Case("linear", "l2", 2, 16, 2, anchor=False),
+    Case("linear", "dot", 1, 32, 1, anchor=False, dtype="bfloat16"),
 ]
 MLP_CASES = [
     Case("mlp", "l2", 1, 16, 1),                      # d_k == d_v: the residual r + W1 gelu(W2 u)
@@ -68,11 +72,12 @@ MLP_CASES = [
     Case("mlp", "l2", 2, 16, 2, dtype="bfloat16"),
     Case("mlp", "dot", 3, 32, 1, dtype="float16"),
 ]
+MLP_CASES = [case._replace(anchor=False) for case in MLP_CASES]
 DEFAULT_CASES = LINEAR_CASES + MLP_CASES
 # (the MLP kernels cover b + c - 1 <= 64: window 5 only with b < 64; at eta / 20 every MLP case
 # stays bounded, |y| <= 1.8, while the default eta lets the inner loop diverge)
 SLOW_CASES = [Case(kind, loss, window, chunk, degree, momentum, length=80, d_k=6, d_v=24,
-                   lr_scale=1.0 if kind == "linear" else 0.05)
+                   lr_scale=1.0 if kind == "linear" else 0.05, anchor=kind == "linear")
               for kind, loss, window, chunk, degree, momentum in itertools.product(
                   ["linear", "mlp"], ["l2", "dot"], [1, 5], [16, 32, 64], [1, 2], [True, False])
               if kind == "linear" or chunk + window - 1 <= 64]
@@ -89,7 +94,7 @@ def _errors(case: Case) -> Dict[str, float]:
     from kernels.memory import Gates, MemoryConfig, memory_forward
     from tests.memory_cases import leaves, make_inputs, relative_error
 
-    cfg = MemoryConfig(case.kind, "gd", case.loss, case.window, case.chunk, case.degree)
+    cfg = MemoryConfig(case.kind, "gd", case.loss, case.window, case.chunk, case.degree, anchor=case.anchor)
     dtype = getattr(torch, case.dtype)
     # one draw in float64, rounded to the Triton input dtype; the reference sees the rounded values
     q, k, v, gates, params = make_inputs(cfg, batch=case.batch, length=case.length, heads=2, d_k=case.d_k,
@@ -136,7 +141,7 @@ def _state_passing_errors() -> Dict[str, float]:
 
     errors = {}
     for kind in ("linear", "mlp"):
-        cfg = MemoryConfig(kind, "gd", "l2", window=3, chunk=16, degree=2)
+        cfg = MemoryConfig(kind, "gd", "l2", window=3, chunk=16, degree=2, anchor=kind == "linear")
         q, k, v, gates, params = make_inputs(cfg, batch=1, length=40, dtype=torch.float32)
         whole, _ = memory_forward(q, k, v, gates, params, cfg, impl="triton")
         cut = lambda x, part: None if x is None else (x[:, :16] if part == 0 else x[:, 16:])  # noqa: E731
@@ -163,7 +168,9 @@ def _model_errors(preset: str) -> Dict[str, float]:
     runs = {}
     for impl in ("chunked", "triton"):
         torch.manual_seed(0)
-        model = build_model(to_model_config(compose(preset, "tiny", "tiny", [f"model.memory.impl={impl}"])))
+        # the MLP kernels retain towards zero: the presets' anchored retention runs chunked
+        model = build_model(to_model_config(compose(preset, "tiny", "tiny", [f"model.memory.impl={impl}",
+                                                                          "model.memory.anchor=false"])))
         logits = model(ids[:, :-1])
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
         loss.backward()

@@ -98,7 +98,9 @@ def _kernel_inputs(case, batch: int, length: int, heads: int, seed: int):
         params = {"W1": randn(heads, d_v, hidden) / hidden ** 0.5, "W2": randn(heads, hidden, width) / width ** 0.5}
     if degree > 1:
         params["a"] = 0.5 + rand(degree + 1)
-    cfg = MemoryConfig(kind=kind, rule="gd", loss=loss, window=window, chunk=chunk, degree=degree)
+    # the MLP kernels retain towards zero (anchored MLP memories run chunked); linear runs anchored
+    cfg = MemoryConfig(kind=kind, rule="gd", loss=loss, window=window, chunk=chunk, degree=degree,
+                       anchor=kind == "linear")
     return cfg, (q, k, v), gates, params
 
 
@@ -164,7 +166,9 @@ def check_kernels(deadline: Deadline, length: int, cases=KERNEL_CASES) -> List[D
 
 
 def _is_muon(model_cfg: ModelConfig) -> bool:
-    return model_cfg.has_memory and model_cfg.memory.rule == "muon"
+    """Whether the preset runs Newton-Schulz on every token (muon, or muon_block at ns_block 1)."""
+    mem = model_cfg.memory
+    return model_cfg.has_memory and (mem.rule == "muon" or (mem.rule == "muon_block" and mem.ns_block == 1))
 
 
 def _peak_memory_gb() -> Optional[float]:

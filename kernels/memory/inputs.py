@@ -25,6 +25,7 @@ class Prepared:
     theta: Optional[torch.Tensor]  # [B, H, T] or None (no momentum)
     a: Optional[torch.Tensor]  # feature coefficients [p+1] (None for degree 1)
     residual: bool             # d_k == d_v: the unlifted key/query is added to an MLP memory
+    anchor: Optional[Dict[str, torch.Tensor]]   # cfg.anchor: W0 per weight, [B, H, out, in] (else None)
     state: MemoryState         # incoming state, compute dtype
     out_dtype: torch.dtype
 
@@ -72,6 +73,8 @@ def prepare(q, k, v, gates: Gates, params: Dict[str, torch.Tensor], cfg: MemoryC
         theta=None if gates.theta is None else _head_major(gates.theta, dtype),
         a=flush_gradient(params["a"].to(dtype)) if cfg.degree > 1 else None,
         residual=d_k == d_v,
+        anchor={n: flush_gradient(params[n].to(dtype)).unsqueeze(0).expand(batch, *params[n].shape)
+                for n in cfg.weight_names} if cfg.anchor else None,
         state=MemoryState({n: flush_gradient(w.to(dtype)) for n, w in state.weights.items()},
                           {n: flush_gradient(s.to(dtype)) for n, s in state.momentum.items()},
                           state.window_k, state.window_v, state.window_g,
@@ -103,6 +106,11 @@ def pad_tokens(x: torch.Tensor, count: int, value: float) -> torch.Tensor:
         return x
     pad = (0, 0, 0, count) if x.dim() == 4 else (0, count)
     return F.pad(x, pad, value=value)
+
+
+def retain(alpha: torch.Tensor, weights: torch.Tensor, anchor: Optional[torch.Tensor]) -> torch.Tensor:
+    """alpha W, or W0 + alpha (W - W0) when retention is anchored at the initial weights W0."""
+    return alpha * weights if anchor is None else anchor + alpha * (weights - anchor)
 
 
 def split_chunks(x: torch.Tensor, size: int, window: int = 1) -> torch.Tensor:

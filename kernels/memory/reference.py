@@ -12,7 +12,7 @@ import torch
 from kernels.newton_schulz import newton_schulz
 
 from .features import poly_features
-from .inputs import Prepared, finish, prepare
+from .inputs import Prepared, finish, prepare, retain
 from .memory_function import inner_loss, matmul_linear, memory_apply, normalised_momentum
 from .types import Gates, MemoryConfig, MemoryState
 
@@ -57,13 +57,15 @@ def memory_forward_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         for name, u in surprise.items():
             step = eta * u if cfg.rule == "gd" else u
             momentum[name] = step if theta is None else theta * momentum[name] + step
+            anchor = None if prep.anchor is None else prep.anchor[name]
+            kept = retain(alpha, weights[name], anchor)
             if cfg.rule == "gd":
-                weights[name] = alpha * weights[name] - momentum[name]
+                weights[name] = kept - momentum[name]
             elif cfg.rule == "muon":
-                weights[name] = alpha * weights[name] - eta * newton_schulz(momentum[name], cfg.ns_steps)
+                weights[name] = kept - eta * newton_schulz(momentum[name], cfg.ns_steps)
             else:   # muon_block: normalised momentum steps; at a block's end, one orthogonal step
-                weights[name] = alpha * weights[name] - eta * normalised_momentum(momentum[name])
-                block[f"start.{name}"] = alpha * block[f"start.{name}"]
+                weights[name] = kept - eta * normalised_momentum(momentum[name])
+                block[f"start.{name}"] = retain(alpha, block[f"start.{name}"], anchor)
                 if block_ends:   # what the block's steps moved, orthogonalised, at their summed lr
                     update = block[f"start.{name}"] - weights[name]
                     weights[name] = block[f"start.{name}"] - block["lr"] * newton_schulz(update, cfg.ns_steps)

@@ -27,6 +27,10 @@ class MemoryConfig:
     ns_steps: int = 5
     ns_block: int = 1     # muon_block: tokens per orthogonalisation (1: exactly `muon`)
     state_dtype: torch.dtype = torch.float32
+    # retention pulls the fast weights back towards the learned initial weights W0 (the params):
+    # W_t = W0 + alpha_t (W_{t-1} - W0) - ...; False: towards zero, as the papers write it. Decaying
+    # W0 away leaves a state the model never saw within its training length (docs/design.md)
+    anchor: bool = True
 
     def __post_init__(self) -> None:
         for name, value, allowed in (("kind", self.kind, KINDS), ("rule", self.rule, RULES),

@@ -44,6 +44,8 @@ class MemoryLayerConfig:
     degree: int = 1              # polynomial feature degree p
     ns_steps: int = 5            # Newton-Schulz steps for the muon rules
     ns_block: int = 1            # muon_block: tokens per orthogonalisation (divides chunk or a multiple of it)
+    anchor: bool = True          # retention decays the fast weights towards their learned initial
+                                 # values W0 (stable past the training length), False: towards zero
     key_dim: Optional[int] = None   # per-head d_k of q, k; None = head_dim (degree 1) or
                                     # min(head_dim / 2, 32) (degree > 1: features grow as d_k^p)
     expansion: int = 4           # hidden width of an MLP memory = expansion * head_dim

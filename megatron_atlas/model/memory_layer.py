@@ -50,7 +50,7 @@ class MemoryLayer(nn.Module):
         self.heads = divide(cfg.n_heads, tp_size_of(parallel), "model.n_heads (memory heads)")
         heads = cfg.n_heads
         self.op_cfg = MemoryConfig(mem.kind, mem.rule, mem.loss, mem.window, mem.chunk, mem.degree,
-                                   mem.ns_steps, mem.ns_block)
+                                   mem.ns_steps, mem.ns_block, anchor=mem.anchor)
         self.impl, self.max_lr = mem.impl, mem.max_lr
         vv = heads * self.d_v
         # rows per head: [q_h (d_k), k_h (d_k), v_h (d_v)]; the conv channels follow them

@@ -67,11 +67,13 @@ def gd_chunked(prep: Prepared, cfg: MemoryConfig
     first, hidden = LAYERS[cfg.kind]
     weights, momenta = prep.state.weights, prep.state.momentum
     loop = _loop_layout
+    anchor = lambda name: None if prep.anchor is None or name is None else prep.anchor[name].flatten(0, 1)  # noqa: E731
     y, ws_first, ws_hidden = GdRecurrence.apply(
         GdSpec(mlp, l2), loop(poly_features(q, prep.a, cfg.degree)), loop(poly_features(k, prep.a, cfg.degree)),
         loop(target), loop(kernel), loop(ends), loop(read_coef), loop(update_coef),
         loop(coef.mixing) if mlp else None,
-        _stacked_state(weights, momenta, first), _stacked_state(weights, momenta, hidden))
+        _stacked_state(weights, momenta, first), _stacked_state(weights, momenta, hidden),
+        anchor(first), anchor(hidden))
     # [NC, B*H, b, d_v] -> [B, T, H, d_v] (the caller's layout) -> head-major view
     y = y.unflatten(1, (batch, heads)).permute(1, 0, 3, 2, 4)
     y = y.reshape(batch, n_chunks * size, heads, -1)[:, :length].transpose(1, 2)

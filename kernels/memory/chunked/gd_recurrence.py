@@ -85,13 +85,16 @@ class _Saved(NamedTuple):
     kernel_h: Optional[Tensor] = None   # hidden_q hidden^T
 
 
-def _linear_chunk(spec: GdSpec, c: _Chunk, ws: Tensor, ones: None) -> Tuple[Tensor, Tuple, _Saved]:
+Anchors = Tuple[Optional[Tensor], ...]   # W0 of each layer under anchored retention (else None)
+
+
+def _linear_chunk(spec: GdSpec, c: _Chunk, ws: Tensor, ones: None, anchors: Anchors) -> Tuple[Tensor, Tuple, _Saved]:
     error = _error(torch.bmm(c.uk, halves(ws)[0].mT) if spec.l2 else None, c.target)
-    y, read_first = read(c.uq, ws, c.read_coef, c.kernel, error)
-    return y, (update(ws, error, c.uk, c.update_coef, c.ends),), _Saved(ws, error, read_first)
+    y, read_first = read(c.uq, ws, c.read_coef, c.kernel, error, anchors[0])
+    return y, (update(ws, error, c.uk, c.update_coef, c.ends, anchors[0]),), _Saved(ws, error, read_first)
 
 
-def _mlp_chunk(spec: GdSpec, c: _Chunk, ws_first: Tensor, ws_hidden: Tensor, ones: Tensor
+def _mlp_chunk(spec: GdSpec, c: _Chunk, ws_first: Tensor, ws_hidden: Tensor, ones: Tensor, anchors: Anchors
                ) -> Tuple[Tensor, Tuple, _Saved]:
     w2, w1 = halves(ws_first)[0], halves(ws_hidden)[0]
     z = torch.bmm(c.uk, w2.mT)
@@ -99,12 +102,12 @@ def _mlp_chunk(spec: GdSpec, c: _Chunk, ws_first: Tensor, ws_hidden: Tensor, one
     error = _error(torch.bmm(hidden, w1.mT) if spec.l2 else None, c.target)
     back = torch.bmm(error, w1)
     delta = back * slope
-    z_q, read_first = read(c.uq, ws_first, c.read_coef, c.kernel, delta)
+    z_q, read_first = read(c.uq, ws_first, c.read_coef, c.kernel, delta, anchors[0])
     hidden_q, slope_q = gelu(z_q), _gelu_slope(z_q, ones)
     kernel_h = torch.bmm(hidden_q, hidden.mT)
-    y, read_hidden = read(hidden_q, ws_hidden, c.read_coef, c.mixing * kernel_h, error)
-    states = (update(ws_first, delta, c.uk, c.update_coef, c.ends),
-              update(ws_hidden, error, hidden, c.update_coef, c.ends))
+    y, read_hidden = read(hidden_q, ws_hidden, c.read_coef, c.mixing * kernel_h, error, anchors[1])
+    states = (update(ws_first, delta, c.uk, c.update_coef, c.ends, anchors[0]),
+              update(ws_hidden, error, hidden, c.update_coef, c.ends, anchors[1]))
     saved = _Saved(ws_first, error, read_first, ws_hidden, read_hidden, z, hidden, slope, back,
                    hidden_q, slope_q, kernel_h)
     return y, states, saved
@@ -114,7 +117,7 @@ def _rows(chunk: _Chunk, rows: slice) -> _Chunk:
     return _Chunk(*(x if x is None else x[:, rows] for x in chunk))
 
 
-def _forward_rows(spec: GdSpec, inputs: _Chunk, states: Tuple[Tensor, ...], ys: Tensor
+def _forward_rows(spec: GdSpec, inputs: _Chunk, states: Tuple[Tensor, ...], ys: Tensor, anchors: Anchors
                   ) -> Tuple[Tuple[Tensor, ...], List[_Saved]]:
     """The chunk loop for one group of (batch, head) rows: writes ys, returns the final states and
     what each chunk's backward needs."""
@@ -123,27 +126,29 @@ def _forward_rows(spec: GdSpec, inputs: _Chunk, states: Tuple[Tensor, ...], ys: 
     saved: List[_Saved] = []
     for n in range(inputs.uq.shape[0]):
         ys[n], states, chunk_saved = step(spec, _Chunk(*(x if x is None else x[n] for x in inputs)),
-                                          *states, ones)
+                                          *states, ones, anchors)
         saved.append(chunk_saved)
     return states, saved
 
 
 def _backward_rows(spec: GdSpec, steps: List[_Saved], inputs: _Chunk, dy: Tensor,
-                   carried: List[Tensor], grads: _Chunk) -> List[Tensor]:
-    """The reverse chunk loop for one group of rows: writes grads, returns the start states'."""
+                   carried: List[Tensor], grads: _Chunk, anchors: Anchors) -> Tuple[List[Tensor], List]:
+    """The reverse chunk loop for one group of rows: writes grads, returns the start states' and
+    the anchors' gradients."""
     carried = [g.contiguous() for g in carried]
+    danchors = [None if a is None else torch.zeros_like(a) for a in anchors]
     # two buffers per state gradient, written in turn (the one read is the other), and scratch
     buffers = [[torch.empty_like(g) for _ in range(3)] for g in carried]
     step = _mlp_chunk_backward if spec.mlp else _linear_chunk_backward
     for n in range(inputs.uq.shape[0] - 1, -1, -1):
         out = [b[n % 2] for b in buffers]
         chunk_grads = step(spec, steps[n], _Chunk(*(x if x is None else x[n] for x in inputs)),
-                           dy[n], carried, out, [b[2] for b in buffers])
+                           dy[n], carried, out, [b[2] for b in buffers], anchors, danchors)
         for grad, value in zip(grads, chunk_grads):
             if grad is not None:
                 grad[n] = value
         carried = out
-    return carried
+    return carried, danchors
 
 
 def _flatten(saved: _Saved) -> List[Tensor]:
@@ -176,6 +181,10 @@ def _unflatten(tensors: Sequence[Tensor], layout: Tuple[Optional[int], ...]) -> 
     return _Saved(*fields)
 
 
+def _anchor_rows(anchors: Anchors, rows: slice) -> Anchors:
+    return tuple(None if a is None else a[rows] for a in anchors)
+
+
 class GdRecurrence(torch.autograd.Function):
     """forward(spec, uq, uk, target, kernel, ends, read_coef, update_coef, mixing, ws_first,
     ws_hidden) -> (y, final ws_first, final ws_hidden).
@@ -183,7 +192,9 @@ class GdRecurrence(torch.autograd.Function):
     Per-chunk inputs are [NC, BH, rows, width]: uq the query features [b, D], uk the window
     features [N, D], target [N, d_v], kernel [b, N], ends [NC, BH, 3] = (A, -F, P) of the chunk
     end, read_coef [b, m] = (r, -c) (m = 2 with momentum, else (r,)), update_coef [N, 2] =
-    (-ew, es), and for mlp the mixing matrix [b, N]. States are [W | S] [BH, out, 2*in].
+    (-ew, es), and for mlp the mixing matrix [b, N]. States are [W | S] [BH, out, 2*in]. With
+    anchored retention anchor_first / anchor_hidden are W0 [BH, out, in] of each layer: reads gain
+    (1 - r) x W0^T and chunk-end weights (1 - A) W0 (gd_state_ops).
     On CPU the (batch, head) rows are split into one group per thread (cpu_threads.py).
 
     Everything the backward needs (each chunk's start state and activations) goes through
@@ -194,18 +205,21 @@ class GdRecurrence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, spec: GdSpec, uq: Tensor, uk: Tensor, target: Tensor, kernel: Tensor,
                 ends: Tensor, read_coef: Tensor, update_coef: Tensor, mixing: Optional[Tensor],
-                ws_first: Tensor, ws_hidden: Optional[Tensor]):
+                ws_first: Tensor, ws_hidden: Optional[Tensor], anchor_first: Optional[Tensor] = None,
+                anchor_hidden: Optional[Tensor] = None):
         inputs = _Chunk(uq, uk, target, kernel, ends, read_coef, update_coef, mixing)
         ys = uq.new_empty(*uq.shape[:3], target.shape[-1])
         states = (ws_first, ws_hidden) if spec.mlp else (ws_first,)
+        anchors = (anchor_first, anchor_hidden)
         groups = row_groups(ws_first.shape[0], ws_first.device)
-        results = run_all([partial(_forward_rows, spec, _rows(inputs, rows),
-                                   tuple(x[rows] for x in states), ys[:, rows]) for rows in groups],
-                          uq.device)
+        results = run_all([partial(_forward_rows, spec, _rows(inputs, rows), tuple(x[rows] for x in states),
+                                   ys[:, rows], _anchor_rows(anchors, rows)) for rows in groups], uq.device)
         per_chunk = [saved for _, group_saved in results for saved in group_saved]
         ctx.spec, ctx.groups, ctx.chunks = spec, groups, uq.shape[0]
         ctx.layout = _layout(per_chunk[0]) if per_chunk else ()
-        ctx.save_for_backward(*inputs, *(t for saved in per_chunk for t in _flatten(saved)))
+        ctx.anchored = (anchor_first is not None, anchor_hidden is not None)
+        ctx.save_for_backward(*inputs, *(a for a in anchors if a is not None),
+                              *(t for saved in per_chunk for t in _flatten(saved)))
         final = [torch.cat(parts) if len(parts) > 1 else parts[0]
                  for parts in zip(*(states for states, _ in results))]
         return ys, final[0], final[1] if spec.mlp else None
@@ -216,47 +230,52 @@ class GdRecurrence(torch.autograd.Function):
     def backward(ctx, dy: Tensor, dws_first: Tensor, dws_hidden: Optional[Tensor]):
         spec, tensors = ctx.spec, ctx.saved_tensors
         inputs = _Chunk(*tensors[:len(_Chunk._fields)])
+        rest = iter(tensors[len(_Chunk._fields):len(_Chunk._fields) + sum(ctx.anchored)])
+        anchors = tuple(next(rest) if present else None for present in ctx.anchored)
         width = sum(1 if size == 0 else size or 0 for size in ctx.layout)
-        flat = tensors[len(_Chunk._fields):]
+        flat = tensors[len(_Chunk._fields) + sum(ctx.anchored):]
         per_chunk = [_unflatten(flat[i * width:(i + 1) * width], ctx.layout)
                      for i in range(len(flat) // max(width, 1))]
         grads = _Chunk(*(x if x is None else torch.empty_like(x) for x in inputs))
         carried = (dws_first, dws_hidden) if spec.mlp else (dws_first,)
         results = run_all([partial(_backward_rows, spec, per_chunk[g * ctx.chunks:(g + 1) * ctx.chunks],
                                    _rows(inputs, rows), dy[:, rows], [g_[rows] for g_ in carried],
-                                   _rows(grads, rows))
+                                   _rows(grads, rows), _anchor_rows(anchors, rows))
                            for g, rows in enumerate(ctx.groups)], dy.device)
-        start = [torch.cat(parts) if len(parts) > 1 else parts[0] for parts in zip(*results)]
-        return (None, *grads, start[0], start[1] if spec.mlp else None)
+        join = lambda parts: torch.cat(parts) if len(parts) > 1 else parts[0]  # noqa: E731
+        start = [join(parts) for parts in zip(*(states for states, _ in results))]
+        danchors = [None if a is None else join(parts) for a, parts in zip(anchors, zip(*(d for _, d in results)))]
+        return (None, *grads, start[0], start[1] if spec.mlp else None, *danchors)
 
 
-def _linear_chunk_backward(spec: GdSpec, s: _Saved, c: _Chunk, dy: Tensor, carried, out, scratch
-                           ) -> _Chunk:
+def _linear_chunk_backward(spec: GdSpec, s: _Saved, c: _Chunk, dy: Tensor, carried, out, scratch,
+                           anchors: Anchors, danchors) -> _Chunk:
     ws, dws = s.ws_first, out[0]
     derror, duk, dupdate_coef, dends = update_backward(carried[0], ws, s.error, c.uk, c.update_coef,
-                                                       c.ends, dws, scratch[0])
+                                                       c.ends, dws, scratch[0], anchors[0], danchors[0])
     duq, dread_coef, dkernel = read_backward(dy, c.uq, ws, c.read_coef, c.kernel, s.error,
-                                             s.read_first, dws, derror)
+                                             s.read_first, dws, derror, anchors[0], danchors[0])
     if spec.l2:
         halves(dws)[0].baddbmm_(derror.mT, c.uk)
         duk.baddbmm_(derror, halves(ws)[0])
     return _Chunk(duq, duk, derror.neg(), dkernel, dends, dread_coef, dupdate_coef, None)
 
 
-def _mlp_chunk_backward(spec: GdSpec, s: _Saved, c: _Chunk, dy: Tensor, carried, out, scratch
-                        ) -> _Chunk:
+def _mlp_chunk_backward(spec: GdSpec, s: _Saved, c: _Chunk, dy: Tensor, carried, out, scratch,
+                        anchors: Anchors, danchors) -> _Chunk:
     dws_first, dws_hidden = out
     w2, w1 = halves(s.ws_first)[0], halves(s.ws_hidden)[0]
     delta = s.back * s.slope
     # chunk-end updates
     derror, dhidden, dupdate_coef, dends = update_backward(
-        carried[1], s.ws_hidden, s.error, s.hidden, c.update_coef, c.ends, dws_hidden, scratch[1])
+        carried[1], s.ws_hidden, s.error, s.hidden, c.update_coef, c.ends, dws_hidden, scratch[1], anchors[1],
+        danchors[1])
     ddelta, duk, dupdate_coef_first, dends_first = update_backward(
-        carried[0], s.ws_first, delta, c.uk, c.update_coef, c.ends, dws_first, scratch[0])
+        carried[0], s.ws_first, delta, c.uk, c.update_coef, c.ends, dws_first, scratch[0], anchors[0], danchors[0])
     # hidden layer read
     dhidden_q, dread_coef, dkernel_h = read_backward(
         dy, s.hidden_q, s.ws_hidden, c.read_coef, c.mixing * s.kernel_h, s.error, s.read_hidden,
-        dws_hidden, derror)
+        dws_hidden, derror, anchors[1], danchors[1])
     dmixing = dkernel_h * s.kernel_h
     dkernel_h.mul_(c.mixing)
     dhidden_q.baddbmm_(dkernel_h, s.hidden)
@@ -264,7 +283,7 @@ def _mlp_chunk_backward(spec: GdSpec, s: _Saved, c: _Chunk, dy: Tensor, carried,
     # first layer read
     duq, dread_coef_first, dkernel = read_backward(
         dhidden_q.mul_(s.slope_q), c.uq, s.ws_first, c.read_coef, c.kernel, delta, s.read_first,
-        dws_first, ddelta)
+        dws_first, ddelta, anchors[0], danchors[0])
     # the gradient factors at the chunk-start weights
     dz = ddelta * s.back
     dz.mul_(_gelu_curvature(s.z))

@@ -56,22 +56,25 @@ def _scaled_sum(parts: List[Tensor], coef: Tensor) -> Tensor:
     return out
 
 
-def read(x: Tensor, ws: Tensor, coef: Tensor, kernel: Tensor, delta: Tensor
+def read(x: Tensor, ws: Tensor, coef: Tensor, kernel: Tensor, delta: Tensor, anchor: Optional[Tensor] = None
          ) -> Tuple[Tensor, Optional[List[Tensor]]]:
-    """(out, what read_backward needs: the unscaled products when the outputs were scaled)."""
+    """(out, what read_backward needs: the unscaled products when the outputs were scaled).
+    With an anchor W0 (anchored retention) the read also gets (1 - r_t) x W0^T."""
     count = coef.shape[-1]
     if _scale_inputs(x, ws.shape[1]):
         out, parts = torch.bmm(pair(x, coef), ws[..., :count * x.shape[-1]].mT), None
     else:
         parts = [torch.bmm(x, w.mT) for w in halves(ws)[:count]]
         out = _scaled_sum(parts, coef)
+    if anchor is not None:
+        out.baddbmm_(x * (1.0 - coef[..., :1]), anchor.mT)
     return out.baddbmm_(kernel, delta, alpha=-1.0), parts
 
 
 def read_backward(grad: Tensor, x: Tensor, ws: Tensor, coef: Tensor, kernel: Tensor, delta: Tensor,
-                  parts: Optional[List[Tensor]], dws: Tensor, ddelta: Tensor
-                  ) -> Tuple[Tensor, Tensor, Tensor]:
-    """(d x, d coef, d kernel); accumulates into dws and ddelta."""
+                  parts: Optional[List[Tensor]], dws: Tensor, ddelta: Tensor, anchor: Optional[Tensor] = None,
+                  danchor: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """(d x, d coef, d kernel); accumulates into dws and ddelta (and danchor with an anchor)."""
     count = coef.shape[-1]
     if parts is None:
         width = count * x.shape[-1]
@@ -84,11 +87,19 @@ def read_backward(grad: Tensor, x: Tensor, ws: Tensor, coef: Tensor, kernel: Ten
             dw.baddbmm_(scaled.mT, x)
             dx = torch.bmm(scaled, w) if dx is None else dx.baddbmm_(scaled, w)
     ddelta.baddbmm_(kernel.mT, grad, alpha=-1.0)
+    if anchor is not None:   # out += (1 - r) x W0^T
+        keep = 1.0 - coef[..., :1]
+        back = torch.bmm(grad, anchor)
+        dx.addcmul_(back, keep)
+        dcoef[..., 0].sub_((back * x).sum(-1))
+        danchor.baddbmm_((grad * keep).mT, x)
     return dx, dcoef, torch.bmm(grad, delta.mT).neg_()
 
 
-def update(ws: Tensor, delta: Tensor, x: Tensor, coef: Tensor, ends: Tensor) -> Tensor:
-    """The chunk-end state [A W - F S - delta^T (ew x) | P S + delta^T (es x)], a fresh tensor."""
+def update(ws: Tensor, delta: Tensor, x: Tensor, coef: Tensor, ends: Tensor, anchor: Optional[Tensor] = None
+           ) -> Tensor:
+    """The chunk-end state [A W - F S - delta^T (ew x) | P S + delta^T (es x)], a fresh tensor
+    (+ (1 - A) W0 in the W half with an anchor)."""
     new = torch.empty_like(ws)
     if _scale_inputs(x, delta.shape[-1]):
         torch.bmm(delta.mT, pair(x, coef), out=new)
@@ -97,13 +108,16 @@ def update(ws: Tensor, delta: Tensor, x: Tensor, coef: Tensor, ends: Tensor) -> 
             torch.bmm((delta * coef[..., m:m + 1]).mT, x, out=half)
     (w, s), (new_w, new_s), scale = halves(ws), halves(new), ends[:, :, None, None]
     new_w.addcmul_(w, scale[:, 0]).addcmul_(s, scale[:, 1])
+    if anchor is not None:
+        new_w.addcmul_(anchor, 1.0 - scale[:, 0])
     new_s.addcmul_(s, scale[:, 2])
     return new
 
 
 def update_backward(grad: Tensor, ws: Tensor, delta: Tensor, x: Tensor, coef: Tensor, ends: Tensor,
-                    dws: Tensor, scratch: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Writes d(start state) into dws; returns (d delta, d x, d coef, d ends).
+                    dws: Tensor, scratch: Tensor, anchor: Optional[Tensor] = None, danchor: Optional[Tensor] = None
+                    ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Writes d(start state) into dws; returns (d delta, d x, d coef, d ends); accumulates danchor.
 
     dws and scratch are reused buffers: a fresh state-sized tensor per chunk costs its page faults.
     """
@@ -116,6 +130,9 @@ def update_backward(grad: Tensor, ws: Tensor, delta: Tensor, x: Tensor, coef: Te
     diagonal = torch.mul(grad, ws, out=scratch).view(rows).sum((1, 3))
     across = torch.mul(gw, s, out=halves(scratch)[0]).sum((1, 2))
     dends = torch.stack([diagonal[:, 0], across, diagonal[:, 1]], dim=-1)
+    if anchor is not None:   # W' += (1 - A) W0
+        danchor.addcmul_(gw, 1.0 - scale[:, 0])
+        dends[:, 0].sub_((gw * anchor).sum((1, 2)))
     if _scale_inputs(x, delta.shape[-1]):
         dx, dcoef = pair_backward(torch.bmm(delta, grad), x, coef)
         return torch.bmm(pair(x, coef), grad.mT), dx, dcoef, dends

@@ -24,6 +24,7 @@ from .cpu_threads import run_all
 from .muon_block import muon_block_chunk
 
 Factors = Dict[str, Tuple[torch.Tensor, torch.Tensor]]
+Anchor = Optional[Dict[str, torch.Tensor]]   # W0 per weight when retention is anchored
 
 
 def _plus_outer_sum(base: Optional[torch.Tensor], coefficient: torch.Tensor,
@@ -38,9 +39,19 @@ def _plus_outer_sum(base: Optional[torch.Tensor], coefficient: torch.Tensor,
     return out if base is None else out.add_(base)
 
 
+def _anchor_read(anchor: Anchor, name: str, retain: torch.Tensor, x: torch.Tensor):
+    """(1 - A_t) x W0^T: what anchored retention gives back of the initial weights (0 without)."""
+    return 0.0 if anchor is None else (1.0 - retain) * (x @ anchor[name].mT)
+
+
+def _anchor_end(anchor: Anchor, name: str, retain: torch.Tensor):
+    """(1 - A) W0 at a chunk's end (0 without an anchor); retain [..., 1, 1]."""
+    return 0.0 if anchor is None else (1.0 - retain) * anchor[name]
+
+
 def _gd_chunk(cfg: MemoryConfig, coef: GdCoefficients, factors: Factors,
               weights: Dict[str, torch.Tensor], momentum: Dict[str, torch.Tensor],
-              first_kernel: torch.Tensor, u_q: torch.Tensor, residual):
+              first_kernel: torch.Tensor, u_q: torch.Tensor, residual, anchor: Anchor = None):
     """Outputs and chunk-end state for the `gd` rule, without per-token weights (one chunk:
     coefficient tensors [B, H, b, ...], ends [B, H, 3])."""
     retain = coef.retain.unsqueeze(-1)
@@ -49,7 +60,7 @@ def _gd_chunk(cfg: MemoryConfig, coef: GdCoefficients, factors: Factors,
     def linear(name: str, x: torch.Tensor) -> torch.Tensor:
         delta, inputs = factors[name]
         kernel = first_kernel if name in FIRST_LAYER else x @ inputs.mT
-        out = retain * (x @ weights[name].mT) - (coef.mixing * kernel) @ delta
+        out = retain * (x @ weights[name].mT) - (coef.mixing * kernel) @ delta + _anchor_read(anchor, name, retain, x)
         if carry is not None:
             out = out - carry * (x @ momentum[name].mT)
         return out
@@ -58,7 +69,7 @@ def _gd_chunk(cfg: MemoryConfig, coef: GdCoefficients, factors: Factors,
     end_retain, end_carry, end_momentum = (coef.ends[..., i, None, None] for i in range(3))
     new_weights, new_momentum = {}, {}
     for name in factors:
-        base_w, base_s = end_retain * weights[name], None
+        base_w, base_s = end_retain * weights[name] + _anchor_end(anchor, name, end_retain), None
         if carry is not None:   # in place on fresh products, which autograd does not keep
             base_w = base_w.addcmul_(end_carry, momentum[name], value=-1.0)
             base_s = end_momentum * momentum[name]
@@ -69,7 +80,7 @@ def _gd_chunk(cfg: MemoryConfig, coef: GdCoefficients, factors: Factors,
 
 def _muon_chunk(cfg: MemoryConfig, coef: ChunkCoefficients, eta: torch.Tensor,
                 factors: Factors, weights: Dict[str, torch.Tensor], momentum: Dict[str, torch.Tensor],
-                u_q: torch.Tensor, residual):
+                u_q: torch.Tensor, residual, anchor: Anchor = None):
     """Outputs and chunk-end state for the `muon` rule: NS on every token's momentum."""
     momentum_mixing = coef.momentum_pairs @ coef.window            # S_t from S_s and the factors
     weight_mixing = coef.retain_pairs * eta.unsqueeze(-2)          # W_t from W_s and NS(S_m), m <= t
@@ -85,6 +96,8 @@ def _muon_chunk(cfg: MemoryConfig, coef: ChunkCoefficients, eta: torch.Tensor,
         shape = orthogonal.shape
         w_t = (coef.retain[..., None, None] * weights[name].unsqueeze(2)
                - (weight_mixing @ orthogonal.flatten(-2)).view(shape))
+        if anchor is not None:
+            w_t = w_t + (1.0 - coef.retain[..., None, None]) * anchor[name].unsqueeze(2)
         per_token[name] = w_t
         # copies: a slice would keep every token's weights alive as the next chunk's start state
         new_weights[name], new_momentum[name] = w_t[:, :, -1].clone(), steps[:, :, -1].clone()
@@ -108,12 +121,15 @@ class _ChunkInputs(NamedTuple):
 
 
 def state_keys(cfg: MemoryConfig) -> Tuple[str, ...]:
-    """The flat names of the state a chunk step carries: "weights.W", "momentum.W", and under
-    muon_block the open block's "start.W" and "lr"."""
+    """The flat names of the state a chunk step carries: "weights.W", "momentum.W", under
+    muon_block the open block's "start.W" and "lr", and with anchored retention "anchor.W" (W0,
+    carried unchanged, so its gradient gathers over the chunks)."""
     names = cfg.weight_names
     keys = tuple(f"weights.{n}" for n in names) + tuple(f"momentum.{n}" for n in names)
     if cfg.rule == "muon_block":
         keys += tuple(f"start.{n}" for n in names) + ("lr",)
+    if cfg.anchor:
+        keys += tuple(f"anchor.{n}" for n in names)
     return keys
 
 
@@ -123,26 +139,31 @@ def _chunk_step(cfg: MemoryConfig, residual: bool, a: Optional[torch.Tensor], x:
     names = cfg.weight_names
     weights = {n: state[f"weights.{n}"] for n in names}
     momentum = {n: state[f"momentum.{n}"] for n in names}
+    anchor = {n: state[f"anchor.{n}"] for n in names} if cfg.anchor else None
     factors = gradient_factors(cfg.kind, cfg.loss, weights, poly_features(x.k_win, a, cfg.degree),
                                x.k_win if residual else torch.zeros_like(x.v_win), x.v_win)
     u_q = poly_features(x.q, a, cfg.degree)
     read_residual = x.q if residual else 0.0
     if cfg.rule == "muon_block" and cfg.ns_block > 1:
         return muon_block_chunk(cfg, factors, poly_kernel(x.q, x.k_win, a, cfg.degree), u_q, read_residual,
-                                x.alpha, x.eta, x.theta, x.g_win, state, block_tokens)
+                                x.alpha, x.eta, x.theta, x.g_win, state, block_tokens, anchor)
     if cfg.rule == "gd":   # (the muon branch below also serves muon_block at ns_block 1)
         one = lambda t: None if t is None else t.unsqueeze(2)  # noqa: E731  (a chunk axis of 1)
         coef = GdCoefficients(*(None if t is None else t.squeeze(2) for t in gd_coefficients(
             one(x.alpha), one(x.eta), one(x.theta), one(x.g_win), cfg.window)))
         first_kernel = poly_kernel(x.q, x.k_win, a, cfg.degree)
-        y, weights, momentum = _gd_chunk(cfg, coef, factors, weights, momentum, first_kernel, u_q, read_residual)
+        y, weights, momentum = _gd_chunk(cfg, coef, factors, weights, momentum, first_kernel, u_q, read_residual,
+                                         anchor)
     else:
         coef = chunk_coefficients(x.alpha, x.theta, x.g_win, cfg.window)
-        y, weights, momentum = _muon_chunk(cfg, coef, x.eta, factors, weights, momentum, u_q, read_residual)
+        y, weights, momentum = _muon_chunk(cfg, coef, x.eta, factors, weights, momentum, u_q, read_residual,
+                                           anchor)
     end = {**{f"weights.{n}": w for n, w in weights.items()}, **{f"momentum.{n}": m for n, m in momentum.items()}}
     if cfg.rule == "muon_block":   # ns_block 1 is muon itself: every token closes its own block
         end.update({f"start.{n}": w for n, w in weights.items()})
         end["lr"] = torch.zeros_like(state["lr"])
+    if anchor is not None:
+        end.update({f"anchor.{n}": w for n, w in anchor.items()})
     return y, end
 
 
@@ -239,7 +260,8 @@ def chunk_loop(prep: Prepared, cfg: MemoryConfig):
     (None for other rules), chunk by chunk (ChunkLoop)."""
     keys = state_keys(cfg)
     known = {**{f"weights.{n}": w for n, w in prep.state.weights.items()},
-             **{f"momentum.{n}": m for n, m in prep.state.momentum.items()}, **prep.state.block}
+             **{f"momentum.{n}": m for n, m in prep.state.momentum.items()}, **prep.state.block,
+             **({} if prep.anchor is None else {f"anchor.{n}": w for n, w in prep.anchor.items()})}
     if prep.length == 0:
         final = [known[k] for k in keys]
         y = prep.q.new_zeros(*prep.q.shape[:3], prep.v_win.shape[-1])
@@ -249,5 +271,5 @@ def chunk_loop(prep: Prepared, cfg: MemoryConfig):
     out = dict(zip(keys, final))
     weights = {n: out[f"weights.{n}"] for n in cfg.weight_names}
     momentum = {n: out[f"momentum.{n}"] for n in cfg.weight_names}
-    block = {k: v for k, v in out.items() if not k.startswith(("weights.", "momentum."))}
+    block = {k: v for k, v in out.items() if k.startswith(("start.", "lr"))}
     return y, weights, momentum, (block if cfg.rule == "muon_block" else None)

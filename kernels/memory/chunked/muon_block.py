@@ -61,7 +61,7 @@ def momentum_norms(momentum_rows: Tensor, carry: Optional[Tensor], start: Tensor
 
 def _segment(cfg: MemoryConfig, state: Dict[str, Tensor], factors: Factors, first_kernel: Tensor,
              u_q: Tensor, residual, alpha: Tensor, eta: Tensor, theta: Optional[Tensor], g_win: Tensor,
-             ends_block: bool) -> Tuple[Tensor, Dict[str, Tensor]]:
+             ends_block: bool, anchor: Optional[Dict[str, Tensor]]) -> Tuple[Tensor, Dict[str, Tensor]]:
     """Outputs of one segment (tokens [.., L]) and the state at its end."""
     names = cfg.weight_names
     coef = chunk_coefficients(alpha, theta, g_win, cfg.window)
@@ -83,6 +83,8 @@ def _segment(cfg: MemoryConfig, state: Dict[str, Tensor], factors: Factors, firs
         delta, inputs = factors[name]
         kernel = first_kernel if name in FIRST_LAYER else x @ inputs.mT
         out = retain.unsqueeze(-1) * (x @ state[f"weights.{name}"].mT) - (mixing[name] * kernel) @ delta
+        if anchor is not None:   # anchored retention gives back (1 - A_t) W0
+            out = out + (1.0 - retain.unsqueeze(-1)) * (x @ anchor[name].mT)
         if read_carry[name] is not None:
             out = out - read_carry[name] * (x @ state[f"momentum.{name}"].mT)
         return out
@@ -95,11 +97,11 @@ def _segment(cfg: MemoryConfig, state: Dict[str, Tensor], factors: Factors, firs
         momentum = state[f"momentum.{name}"]
         end_carry = 0.0 if carry is None else carry[..., -1, None, None]
         new[f"momentum.{name}"] = _plus_outer_sum(end_carry * momentum, rows[..., -1, :], factors[name])
-        base = decay * state[f"weights.{name}"]
+        base = decay * state[f"weights.{name}"] + (0.0 if anchor is None else (1.0 - decay) * anchor[name])
         if read_carry[name] is not None:
             base = base - read_carry[name][..., -1, :, None] * momentum
         new[f"weights.{name}"] = _plus_outer_sum(base, -mixing[name][..., -1, :], factors[name])
-        new[f"start.{name}"] = decay * state[f"start.{name}"]
+        new[f"start.{name}"] = decay * state[f"start.{name}"] + (0.0 if anchor is None else (1.0 - decay) * anchor[name])
     if ends_block:   # one orthogonal step for the block; its last token reads the result
         for name in names:
             update = new[f"start.{name}"] - new[f"weights.{name}"]     # what the block's steps moved
@@ -127,7 +129,8 @@ def segments(length: int, block_tokens: int, block: int) -> List[Tuple[int, int,
 
 def muon_block_chunk(cfg: MemoryConfig, factors: Factors, first_kernel: Tensor, u_q: Tensor, residual,
                      alpha: Tensor, eta: Tensor, theta: Optional[Tensor], g_win: Tensor,
-                     state: Dict[str, Tensor], block_tokens: int) -> Tuple[Tensor, Dict[str, Tensor]]:
+                     state: Dict[str, Tensor], block_tokens: int, anchor: Optional[Dict[str, Tensor]] = None
+                     ) -> Tuple[Tensor, Dict[str, Tensor]]:
     """One chunk (all gradient factors taken at its start weights) under `muon_block`."""
     window = cfg.window
     outputs = []
@@ -138,6 +141,8 @@ def muon_block_chunk(cfg: MemoryConfig, factors: Factors, first_kernel: Tensor, 
         y, state = _segment(cfg, state, seg_factors, first_kernel[..., start:stop, win], u_q[..., start:stop, :],
                             residual if isinstance(residual, float) else residual[..., start:stop, :],
                             piece(alpha), piece(eta), None if theta is None else piece(theta),
-                            g_win[..., win], ends)
+                            g_win[..., win], ends, anchor)
         outputs.append(y)
+    if anchor is not None:
+        state = {**state, **{f"anchor.{n}": w for n, w in anchor.items()}}
     return torch.cat(outputs, dim=-2), state

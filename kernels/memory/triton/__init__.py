@@ -61,6 +61,9 @@ def coverage_reason(cfg: MemoryConfig, d_k: int, d_v: int, dtype: torch.dtype,
     if next_pow2(width) > MAX_FEATURE_BLOCK:
         return (f"feature width D={width} (d_k={d_k}, degree={cfg.degree}); "
                 f"Triton keeps the state in registers and covers D <= {MAX_FEATURE_BLOCK}")
+    if cfg.kind == "mlp" and cfg.anchor:
+        return ("anchor=True with kind='mlp' (the MLP kernels retain towards zero: anchor=False, or the "
+                "chunked path)")
     if cfg.kind == "mlp":
         reason = mlp_unsupported_reason(cfg, width, d_v, dtype)
         if reason is not None:
@@ -126,14 +129,25 @@ def memory_forward_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gat
     mlp_residual = cfg.kind == "mlp" and prep.residual
     # an MLP memory's key residual enters only the l2 error: E = r_k + A W1^T - V
     values = prep.v_win - prep.k_win if mlp_residual and cfg.loss == "l2" else prep.v_win
+    q_lifted, k_lifted = poly_features(prep.q, prep.a, cfg.degree), poly_features(prep.k_win, prep.a, cfg.degree)
+    anchor = None if prep.anchor is None else prep.anchor["W"]
+    if anchor is not None:
+        # anchored retention of a linear memory, exactly, on the kernels' rule: they run the
+        # deviation U = W - W0 (retained towards zero), whose l2 error is U k - (v - W0 k)
+        prep.state.weights = {"W": prep.state.weights["W"] - anchor}
+        if cfg.loss == "l2":
+            values = values - k_lifted @ anchor.mT
     run = _run_linear if cfg.kind == "linear" else _run_mlp
     lifted = feature_dtype(q.dtype, cfg.degree)
     y, weights, momentum = run(
-        prep, cfg, _flat(pad_tokens(poly_features(prep.q, prep.a, cfg.degree), pad, 0.0), lifted),
-        _flat(pad_tokens(poly_features(prep.k_win, prep.a, cfg.degree), pad, 0.0), lifted),
+        prep, cfg, _flat(pad_tokens(q_lifted, pad, 0.0), lifted), _flat(pad_tokens(k_lifted, pad, 0.0), lifted),
         _flat(pad_tokens(values, pad, 0.0), q.dtype), coef)
     y = y.unflatten(0, (batch, heads))[:, :, :length]
+    unflat = lambda tensors: {n: t.unflatten(0, (batch, heads)) for n, t in tensors.items()}  # noqa: E731
+    weights = unflat(weights)
+    if anchor is not None:
+        y = y + q_lifted @ anchor.mT
+        weights["W"] = weights["W"] + anchor
     if mlp_residual:
         y = y + prep.q
-    unflat = lambda tensors: {n: t.unflatten(0, (batch, heads)) for n, t in tensors.items()}  # noqa: E731
-    return finish(prep, y, unflat(weights), unflat(momentum), cfg)
+    return finish(prep, y, weights, unflat(momentum), cfg)
