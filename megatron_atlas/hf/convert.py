@@ -23,6 +23,7 @@ from megatron_atlas.model import ModelConfig, build_model, resolve_ffn_hidden
 from megatron_atlas.train.checkpoint import (STATE_FILE, find_latest, is_deepspeed_checkpoint,
                                              load_checkpoint, rng_state, save_checkpoint)
 from megatron_atlas.train.config import TrainConfig
+from megatron_atlas.train.safe_load import load_torch_file
 
 ENTRY_MODULES = ("megatron_atlas.hf.configuration_atlas", "megatron_atlas.hf.modeling_atlas")
 AUTO_MAP = {"AutoConfig": "configuration_atlas.AtlasConfig",
@@ -66,7 +67,7 @@ def read_native(checkpoint: str | Path, config: Optional[str | Path] = None) -> 
         state = load_checkpoint(path)
         config_file = Path(config) if config else path / "config.yaml"
     elif path.is_file():
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = load_torch_file(path)
         config_file = Path(config) if config else path.parent / "config.yaml"
     else:
         raise FileNotFoundError(f"no checkpoint at {path}")
