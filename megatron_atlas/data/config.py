@@ -84,6 +84,12 @@ class DataConfig:
     def validate(self, prefix: str = "train.data") -> None:
         _check_choice(f"{prefix}.kind", self.kind, DATA_KINDS)
         _check_positive(f"{prefix}.eval_batches", self.eval_batches)
-        # Only the selected kind's section has to make sense.
+        # Only the selected kind's section has to make sense; another kind's settings are a mistake
+        # (e.g. a shard path given without kind=shards would train on MQAR instead).
         section = DATA_SECTIONS[self.kind]
         getattr(self, section).validate(f"{prefix}.{section}")
+        for kind, name, value in (("shards", "shards.path", self.shards.path),
+                                  ("webdataset", "webdataset.urls", self.webdataset.urls)):
+            if value and self.kind != kind:
+                raise ConfigError(f"{prefix}.{name} is set but {prefix}.kind={self.kind}: set "
+                                  f"{prefix}.kind={kind} to read it, or remove {prefix}.{name}")
