@@ -77,6 +77,7 @@ class DataConfig:
     kind: str = "synthetic_mqar"
     eval_seed: int = 1_000_003         # held-out stream: training batches come from train.seed
     eval_batches: int = 4              # evaluation batches of train.micro_batch_size sequences
+    allow_data_change: bool = False    # resume a checkpoint recorded on other data (data/identity.py)
     mqar: MQARDataConfig = field(default_factory=MQARDataConfig)
     shards: ShardsDataConfig = field(default_factory=ShardsDataConfig)
     webdataset: WebDatasetDataConfig = field(default_factory=WebDatasetDataConfig)
