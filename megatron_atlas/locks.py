@@ -6,7 +6,8 @@
 The lock file holds the holder's pid, host, start time and command line (written once the lock is
 taken) for the message. The kernel drops the lock when the holder exits, however it dies, so a lock
 file left behind by a killed process is not a stale lock. Advisory: only processes that take the
-lock are kept out. flock works across hosts on NFSv4 and Lustre mounted with `flock`, not on NFSv3.
+lock are kept out. Across hosts it needs a filesystem that supports it: NFS (the Linux client maps
+flock to NFS locks) and Lustre mounted with `-o flock` do; elsewhere it may lock within one host only.
 """
 from __future__ import annotations
 
