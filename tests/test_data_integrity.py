@@ -19,17 +19,9 @@ from megatron_atlas.data.identity import check_identity
 from megatron_atlas.data.shard_format import read_index
 from megatron_atlas.data.shards import ShardError, ShardSource
 from megatron_atlas.model.config import ConfigError
-from tests.test_data_shards import SEQ, _corpus, _prepare
+from tests.test_data_shards import SEQ, _corpus, _prepare, shards  # noqa: F401 (shards: a fixture)
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    base = tmp_path_factory.mktemp("integrity")
-    out = base / "out"
-    _prepare(_corpus(base / "text"), out)
-    return out
 
 
 def _copy(shards: Path, tmp_path: Path) -> tuple[Path, dict]:
