@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -124,7 +125,11 @@ def _parse_override(item: str) -> tuple[str, Any]:
     if not sep or not key:
         raise ConfigError(f"malformed override {item!r}: expected key=value, e.g. train.lr=1e-3")
     # omegaconf's YAML loader: 1e-3 is a float, null is None, [1, 2] a list.
-    parsed = OmegaConf.from_dotlist([f"v={raw}"])
+    try:
+        parsed = OmegaConf.from_dotlist([f"v={raw}"])
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: the value {raw!r} is not valid YAML "
+                          f"({getattr(e, 'problem', None) or e})") from None
     return key.strip(), OmegaConf.to_container(parsed, resolve=False)["v"]
 
 

@@ -102,7 +102,7 @@ def test_bad_inputs_are_counted(tmp_path):
     (src / "docs.jsonl").write_text("\n".join(map(json.dumps, lines)) + "\n{not json\n")
     index = _prepare(src, tmp_path / "out")
     assert index["skipped"] == {"non_utf8": 1, "empty": 2, "missing_field": 2, "bad_json": 1, "bad_files": 0,
-                                "no_text_member": 0}
+                                "no_text_member": 0, "not_regular": 0, "outside_tree": 0}
     assert index["input"]["documents"] == 10 + 1 + 1
 
     missing = tmp_path / "gone.txt"

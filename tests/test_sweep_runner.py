@@ -69,9 +69,14 @@ def test_status_skip_and_resume(sweep):
 
     launched: list[list[str]] = []
 
+    def finished(directory: Path) -> int:   # what a trainer that exits 0 leaves: its last train record
+        run = next(r for r in runs if r.run_id == directory.name)
+        _metrics(directory, [_train(run.steps, run.tokens_per_step, 2.0)])
+        return 0
+
     def fake_run(command, directory, prefix, log):
         launched.append(command)
-        return 1 if directory.name == runs[4].run_id else 0   # one run fails
+        return 1 if directory.name == runs[4].run_id else finished(directory)   # one run fails
 
     lines: list[str] = []
     outcomes = runner.launch_local(out, log=lines.append, run_one=fake_run)
@@ -84,7 +89,7 @@ def test_status_skip_and_resume(sweep):
     assert not (runner.run_dir(out, runs[4]) / runner.DONE_MARKER).exists()
     # second launch: only the failed run is left
     launched.clear()
-    runner.launch_local(out, log=lines.append, run_one=lambda c, d, p, log: launched.append(c) or 0)
+    runner.launch_local(out, log=lines.append, run_one=lambda c, d, p, log: launched.append(c) or finished(d))
     assert len(launched) == 1 and f"train.out_dir={runner.run_dir(out, runs[4])}" in launched[0]
     assert set(runner.statuses(out).values()) == {"done"}
 
@@ -106,8 +111,8 @@ def test_slurm_array_covers_unfinished_runs_only(sweep):
     assert runner.task_run_id(out, 3) == runs[3].run_id
     with pytest.raises(IndexError, match="task index 99"):
         runner.task_run_id(out, 99)
-    for r in runs:
-        (runner.run_dir(out, r) / runner.DONE_MARKER).write_text("x")
+    for r in runs:   # done: the last step's record (a DONE marker alone would not outweigh a checkpoint)
+        _metrics(runner.run_dir(out, r), [_train(r.steps, r.tokens_per_step, 2.0)])
     assert runner.slurm_command(out) is None
 
 

@@ -23,7 +23,10 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
+from megatron_atlas.atomic import removed_on_failure  # noqa: E402
+from megatron_atlas.errors import FaultError  # noqa: E402
 from megatron_atlas.train import checkpoint as ckpt  # noqa: E402
+from megatron_atlas.train.manifest import write_manifest  # noqa: E402
 from megatron_atlas.parallel.sharding import partition_dims, shard_state_dict  # noqa: E402
 
 
@@ -45,15 +48,17 @@ def _tp_free_config(src: Path) -> str:
 
 
 def write_native(state: dict, config_yaml: str, out: Path) -> Path:
-    """OUT/state.pt + OUT/config.yaml, written into OUT.tmp and renamed (atomic)."""
+    """OUT/state.pt + OUT/config.yaml + OUT/manifest.json, written into OUT.tmp and renamed (atomic)."""
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out} exists; choose a new folder")
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    torch.save(state, tmp / ckpt.STATE_FILE)
-    (tmp / "config.yaml").write_text(config_yaml)
+    with removed_on_failure(tmp, str(out)):
+        torch.save(state, tmp / ckpt.STATE_FILE)
+        (tmp / "config.yaml").write_text(config_yaml)
+        write_manifest(tmp)
     tmp.rename(out)
     return out
 
@@ -91,8 +96,7 @@ def reshard_cmd(src: Path, out: Path, tp: int) -> Path:
 
 def info_cmd(src: Path) -> None:
     if ckpt.is_deepspeed_checkpoint(src):
-        from megatron_atlas.train.consolidate import read_trainer_state
-        s = read_trainer_state(src)
+        s = ckpt.load_deepspeed_state(src)
         print(f"DeepSpeed checkpoint: step {s['step']}, layout {s['layout']}, loader {s['loader']}")
     else:
         s = ckpt.load_checkpoint(src)
@@ -112,14 +116,18 @@ def main(argv=None) -> int:
     i = sub.add_parser("info", help="print a checkpoint's step, layout and loader state")
     i.add_argument("src", type=Path)
     args = parser.parse_args(argv)
-    if args.command == "consolidate":
-        consolidate_cmd(args.src, args.out)
-    elif args.command == "reshard":
-        if args.tp < 1:
-            parser.error(f"--tp={args.tp} must be >= 1")
-        reshard_cmd(args.src, args.out, args.tp)
-    else:
-        info_cmd(args.src)
+    if args.command == "reshard" and args.tp < 1:
+        parser.error(f"--tp={args.tp} must be >= 1")
+    try:
+        if args.command == "consolidate":
+            consolidate_cmd(args.src, args.out)
+        elif args.command == "reshard":
+            reshard_cmd(args.src, args.out, args.tp)
+        else:
+            info_cmd(args.src)
+    except (FaultError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from megatron_atlas.errors import FaultError  # noqa: E402
 from megatron_atlas.hf.convert import import_hf  # noqa: E402
 
 
@@ -30,7 +31,11 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=None, help="train.seed of the continuing run")
     p.add_argument("--micro-batch-size", type=int, default=None)
     args = p.parse_args(argv)
-    import_hf(args.hf_dir, args.out, seed=args.seed, micro_batch_size=args.micro_batch_size)
+    try:
+        import_hf(args.hf_dir, args.out, seed=args.seed, micro_batch_size=args.micro_batch_size)
+    except (FaultError, FileExistsError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from megatron_atlas.errors import FaultError  # noqa: E402
 from megatron_atlas.hf.convert import export_hf  # noqa: E402
 
 
@@ -36,7 +37,11 @@ def main(argv=None) -> int:
                    "the run's shard folder's, else the byte-level tokenizer (id = byte)")
     p.add_argument("--config", default=None, help="the run's config.yaml (default: beside the checkpoint)")
     args = p.parse_args(argv)
-    out = export_hf(args.checkpoint, args.out, args.max_shard_size, args.tokenizer, args.config)
+    try:
+        out = export_hf(args.checkpoint, args.out, args.max_shard_size, args.tokenizer, args.config)
+    except (FaultError, FileExistsError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(f"exported {args.checkpoint} -> {out}")
     return 0
 

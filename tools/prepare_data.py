@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -16,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # run from a c
 
 from megatron_atlas.data.documents import BadInputError, default_corpus, expand_inputs  # noqa: E402
 from megatron_atlas.data.prepare import PrepareArgs, prepare  # noqa: E402
+from megatron_atlas.errors import FaultError  # noqa: E402
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -55,15 +57,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if bool(ns.inputs) == ns.default_corpus:
         print("error: give input files/folders or --default-corpus (not both)", file=sys.stderr)
         return 2
-    files = default_corpus() if ns.default_corpus else expand_inputs(ns.inputs)
+    skipped: Counter = Counter()   # FIFOs, broken links and links out of the input folders
+    files = default_corpus() if ns.default_corpus else expand_inputs(ns.inputs, skipped)
     args = PrepareArgs(out_dir=ns.out, seq_len=ns.seq_len,
                        tokenizer=ns.tokenizer, vocab_size=ns.vocab_size,
                        tokenizer_train_mb=ns.tokenizer_train_mb, val_fraction=ns.val_fraction,
                        seed=ns.seed, samples_per_shard=ns.samples_per_shard, text_field=ns.text_field,
                        skip_bad_files=ns.skip_bad_files, workers=ns.workers, overwrite=ns.overwrite)
     try:
-        prepare(args, files, log=lambda line: print(line, file=sys.stderr, flush=True))
-    except (BadInputError, ValueError) as e:
+        prepare(args, files, log=lambda line: print(line, file=sys.stderr, flush=True), counts=skipped)
+    except (BadInputError, FaultError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -77,6 +77,7 @@ class DataConfig:
     kind: str = "synthetic_mqar"
     eval_seed: int = 1_000_003         # held-out stream: training batches come from train.seed
     eval_batches: int = 4              # evaluation batches of train.micro_batch_size sequences
+    allow_data_change: bool = False    # resume a checkpoint recorded on other data (data/identity.py)
     mqar: MQARDataConfig = field(default_factory=MQARDataConfig)
     shards: ShardsDataConfig = field(default_factory=ShardsDataConfig)
     webdataset: WebDatasetDataConfig = field(default_factory=WebDatasetDataConfig)
@@ -84,6 +85,12 @@ class DataConfig:
     def validate(self, prefix: str = "train.data") -> None:
         _check_choice(f"{prefix}.kind", self.kind, DATA_KINDS)
         _check_positive(f"{prefix}.eval_batches", self.eval_batches)
-        # Only the selected kind's section has to make sense.
+        # Only the selected kind's section has to make sense; another kind's settings are a mistake
+        # (e.g. a shard path given without kind=shards would train on MQAR instead).
         section = DATA_SECTIONS[self.kind]
         getattr(self, section).validate(f"{prefix}.{section}")
+        for kind, name, value in (("shards", "shards.path", self.shards.path),
+                                  ("webdataset", "webdataset.urls", self.webdataset.urls)):
+            if value and self.kind != kind:
+                raise ConfigError(f"{prefix}.{name} is set but {prefix}.kind={self.kind}: set "
+                                  f"{prefix}.kind={kind} to read it, or remove {prefix}.{name}")

@@ -4,14 +4,21 @@ Plain text files (one document per file), JSONL (one document per line, in a `te
 Parquet (a `text` column; needs pyarrow) and webdataset shards of text (`.tar` files, `pipe:` and
 `http(s)://` URLs, brace patterns; one document per sample, see wds_text.py). Folders are walked in
 sorted order, so the same inputs give the same document sequence on every machine.
+
+Inside a folder only regular files are read: FIFOs, sockets, devices and broken links are skipped
+and counted (`not_regular`), and so are links that lead out of the folder (`outside_tree`: a link to
+a system file must not be tokenized). A path named on the command line that is not a regular file
+is a bad input (reading a FIFO would block forever).
 """
 from __future__ import annotations
 
 import json
+import os
+import stat
 import sysconfig
 from collections import Counter
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 JSONL_SUFFIXES = {".jsonl", ".ndjson"}
 PARQUET_SUFFIXES = {".parquet"}
@@ -22,23 +29,46 @@ class BadInputError(RuntimeError):
     pass
 
 
-def expand_inputs(inputs: Sequence[str | Path]) -> list[Path | str]:
-    """Files as given; folders replaced by their files (recursive, sorted, hidden files left out);
-    webdataset URLs and brace patterns expanded into one URL (a str) per shard."""
+def _folder_files(folder: Path, counts: Counter) -> list[Path]:
+    """The regular files under `folder` (sorted, hidden ones left out); others are counted."""
+    root = folder.resolve()
+    files = []
+    for p in sorted(folder.rglob("*")):
+        if any(part.startswith(".") or part in SKIP_DIRS for part in p.relative_to(folder).parts):
+            continue
+        if p.is_symlink() and p.exists() and not p.resolve().is_relative_to(root):
+            counts["outside_tree"] += 1
+        elif p.is_file():
+            files.append(p)
+        elif not p.is_dir():   # a FIFO, socket, device or broken link
+            counts["not_regular"] += 1
+    return files
+
+
+def expand_inputs(inputs: Sequence[str | Path], counts: Optional[Counter] = None) -> list[Path | str]:
+    """Files as given; folders replaced by their regular files (recursive, sorted, hidden files left
+    out, the rest counted in `counts`); webdataset URLs and brace patterns expanded into one URL (a
+    str) per shard."""
     from megatron_atlas.data.wds_text import expand_urls, is_webdataset
 
+    counts = Counter() if counts is None else counts
     files: list[Path | str] = []
     for spec in inputs:
         item = Path(spec)
         if is_webdataset(spec) and not item.exists():   # a URL or a pattern: not a local path
             files += expand_urls([spec])
         elif item.is_dir():
-            files += sorted(p for p in item.rglob("*") if p.is_file()
-                            and not any(part.startswith(".") or part in SKIP_DIRS
-                                        for part in p.relative_to(item).parts))
+            files += _folder_files(item, counts)
         else:
             files.append(item)   # a missing file is reported when it is read
     return files
+
+
+def _regular_file(path: Path) -> None:
+    mode = os.stat(path).st_mode   # FileNotFoundError for a missing file or a broken link
+    if not stat.S_ISREG(mode):
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a regular file"
+        raise BadInputError(f"{path} is {kind}; reading it could block or never end")
 
 
 def default_corpus() -> list[Path]:
@@ -83,9 +113,14 @@ def _parquet(path: Path, field: str, counts: Counter) -> Iterator[str]:
         raise BadInputError(f"{path}: not a readable Parquet file ({e})") from None
     if field not in table.column_names:
         raise BadInputError(f"{path}: no column {field!r} (columns: {', '.join(table.column_names)})")
-    for text in table.column(field).to_pylist():
-        if isinstance(text, str):
-            yield text
+    column = table.column(field)
+    if pyarrow.types.is_string(column.type) or pyarrow.types.is_large_string(column.type):
+        # as bytes: pyarrow does not check UTF-8 when reading, and to_pylist() would raise on the first
+        # invalid value; decoded here like text and JSONL input (counted, with U+FFFD replacements)
+        column = column.cast(pyarrow.large_binary())
+    for value in column.to_pylist():
+        if isinstance(value, bytes):
+            yield decode_text(value, counts)
         else:
             counts["missing_field"] += 1
 
@@ -103,9 +138,11 @@ def iter_documents(files: Sequence[Path | str], counts: Counter, *, text_field: 
             if is_webdataset(spec):
                 texts: Iterator[str] = shard_documents(str(spec), text_field, counts)
             elif path.suffix in PARQUET_SUFFIXES:
+                _regular_file(path)
                 counts["bytes"] += path.stat().st_size
                 texts = _parquet(path, text_field, counts)
             else:
+                _regular_file(path)
                 data = path.read_bytes()
                 counts["bytes"] += len(data)
                 texts = (_jsonl(data, text_field, counts) if path.suffix in JSONL_SUFFIXES

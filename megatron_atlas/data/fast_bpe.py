@@ -10,16 +10,50 @@ then every `check_every`-th) is also encoded by the HF tokenizer. Documents cont
 an added token's text (which HF turns into that token) always go through HF. On any difference that
 batch is re-encoded by HF and counted, so the output depends only on the batch's text, never on
 which batches a worker process saw before.
+
+Long documents are encoded in pieces of about `max_piece_chars` (memory: the HF tokenizer keeps
+~150 bytes per character of a text it encodes, so one 50 MB line took 8 GB). A piece ends before a
+space that has a non-space character on either side: the GPT-2 regex splits there in any case (no
+pre-token reaches across such a space), so the pieces' ids, concatenated, are the document's ids.
+Only tokenizers whose pre-tokenizer is exactly that regex are split.
 """
 from __future__ import annotations
 
 import json
+import re
 from typing import Optional
 
 from megatron_atlas.data.tokenizer import Tokenizer
 
 # The pre-tokenizer regex of `pre_tokenizers.ByteLevel(use_regex=True)` (GPT-2's).
 BYTE_LEVEL_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+# A space between two non-space characters: a pre-token boundary of BYTE_LEVEL_PATTERN on both sides.
+_SAFE_CUT = re.compile(r"(?<=\S) (?=\S)")
+MAX_PIECE_CHARS = 1 << 18
+
+
+def splits_safely(spec: dict) -> bool:
+    """True when cutting a text at `_SAFE_CUT` leaves the tokenizer's ids unchanged: a lone GPT-2
+    byte-level pre-tokenizer, no normalizer, no added token that holds whitespace."""
+    pre = spec.get("pre_tokenizer") or {}
+    return (pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space")
+            and spec.get("normalizer") is None
+            and not any(re.search(r"\s", t["content"]) for t in spec.get("added_tokens", [])))
+
+
+def split_text(text: str, max_chars: int) -> list[str]:
+    """`text` cut at the first safe space after every `max_chars` characters (whole if it has none)."""
+    pieces, start = [], 0
+    while len(text) - start > max_chars:
+        cut = _SAFE_CUT.search(text, start + max_chars)
+        if cut is None:
+            break
+        pieces.append(text[start:cut.start()])
+        start = cut.start()
+    pieces.append(text[start:])
+    return pieces
 
 
 def byte_level_alphabet() -> dict[str, int]:
@@ -70,10 +104,11 @@ def _mergeable_ranks(spec: dict) -> Optional[dict[bytes, int]]:
 class FastByteLevelEncoder:
     """`encode_batch` like `Tokenizer.encode_batch`, via tiktoken when provably equivalent."""
 
-    def __init__(self, tok: Tokenizer, check_every: int = 64) -> None:
+    def __init__(self, tok: Tokenizer, check_every: int = 64, max_piece_chars: int = MAX_PIECE_CHARS) -> None:
         self.tok, self.check_every = tok, max(1, check_every)
         spec = json.loads(tok.to_json())
         self.specials = [t["content"] for t in spec.get("added_tokens", [])]
+        self.max_piece_chars = max_piece_chars if splits_safely(spec) else None
         self.fallback_reason: Optional[str] = None
         self.mismatched_batches = 0   # batches where a checked document differed (re-encoded by HF)
         self.encoding = None
@@ -94,6 +129,20 @@ class FastByteLevelEncoder:
         return self.encoding is not None
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        limit = self.max_piece_chars
+        if limit is None or all(len(t) <= limit for t in texts):
+            return self._encode_batch(texts)
+        pieces, owners = [], []
+        for i, text in enumerate(texts):
+            parts = split_text(text, limit)
+            pieces += parts
+            owners += [i] * len(parts)
+        ids: list[list[int]] = [[] for _ in texts]
+        for owner, encoded in zip(owners, self._encode_batch(pieces)):
+            ids[owner].extend(encoded)
+        return ids
+
+    def _encode_batch(self, texts: list[str]) -> list[list[int]]:
         if self.encoding is None:
             return self.tok.encode_batch(texts)
         fast = [i for i, t in enumerate(texts) if not any(s in t for s in self.specials)]

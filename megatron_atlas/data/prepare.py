@@ -5,8 +5,10 @@ each goes whole to `train` or `val` by a seeded hash of its text (so the split d
 order or the number of workers). Each split's token stream is cut into windows of `seq_len + 1` ids
 (the tail shorter than a window is dropped and counted) and written as shards of
 `samples_per_shard` windows. The output is a pure function of (inputs, tokenizer, arguments):
-a rerun never duplicates a shard, leaves complete shards untouched, and skips everything when
-index.json says the same job is already done.
+a rerun never duplicates a shard, leaves complete shards untouched (rewriting damaged ones), and
+skips everything when index.json says the same job is done and every shard it lists is there with
+its size and checksum file. "The same job" compares the inputs' contents (sha256), not only their
+paths and sizes.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from megatron_atlas.atomic import replaced_on_success
 from megatron_atlas.data.documents import iter_documents
 from megatron_atlas.data.fast_bpe import FastByteLevelEncoder
 from megatron_atlas.data.shard_format import (DTYPES, FORMAT, INDEX, TOKENIZER, read_index, shard_name,
-                                              token_dtype, write_json_atomic, write_shard)
+                                              shard_size, token_dtype, write_json_atomic, write_shard)
 from megatron_atlas.data.tokenizer import Tokenizer, train_bpe
 
 SPLITS = ("train", "val")
@@ -129,17 +131,21 @@ class SplitWriter:
     def _write(self, windows: np.ndarray) -> None:
         name = shard_name(self.split, len(self.shards))
         first = sum(s["samples"] for s in self.shards)
-        path = self.root / name
-        # Same plan, same bytes: a shard already under its final name is complete (tmp + rename).
-        if not path.is_file():
-            write_shard(path, windows, first, self.dtype)
-        self.shards.append({"name": name, "samples": len(windows), "tokens": int(windows.size)})
+        # Same plan, same bytes: a rerun leaves intact shards alone and rewrites damaged ones.
+        integrity = write_shard(self.root / name, windows, first, self.dtype)
+        self.shards.append({"name": name, "samples": len(windows), "tokens": int(windows.size), **integrity})
+
+
+def _file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _plan(args: PrepareArgs, files: Sequence[Path | str]) -> dict:
     """What determines the output: if a rerun's plan differs, the folder holds another job's shards."""
-    # a URL's size is unknown without reading it: the name alone stands for it
-    inputs = [[str(p), p.stat().st_size if isinstance(p, Path) and p.is_file() else None] for p in files]
+    # a local file by its contents; a URL (unknown without reading it) by its name alone
+    inputs = [[str(p), p.stat().st_size, _file_sha256(p)] if isinstance(p, Path) and p.is_file()
+              else [str(p), None, None] for p in files]
     keys = ("seq_len", "tokenizer", "vocab_size", "tokenizer_train_mb", "val_fraction", "seed",
             "samples_per_shard", "text_field", "skip_bad_files")
     plan = {k: getattr(args, k) for k in keys}
@@ -172,8 +178,26 @@ def _load_or_train_tokenizer(args: PrepareArgs, files: Sequence[Path | str], roo
     return tok
 
 
-def prepare(args: PrepareArgs, files: Sequence[Path | str], log: Callable[[str], None] = print) -> dict:
-    """Writes the shards and index.json of `files` into `args.out_dir`; returns the index."""
+def _output_problems(root: Path, index: dict) -> list[str]:
+    """Shards index.json lists that are missing, of the wrong size or without their checksum file."""
+    problems = []
+    for split in index["splits"].values():
+        for entry in split["shards"]:
+            path = root / entry["name"]
+            want = entry.get("bytes", shard_size(entry["samples"], index["seq_len"], index["dtype"]))
+            if not path.is_file():
+                problems.append(f"{entry['name']} is missing")
+            elif path.stat().st_size != want:
+                problems.append(f"{entry['name']} has {path.stat().st_size:,} bytes, not {want:,}")
+            elif "crc32" in entry and not (root / entry["crc32"]).is_file():
+                problems.append(f"{entry['crc32']} is missing")
+    return problems
+
+
+def prepare(args: PrepareArgs, files: Sequence[Path | str], log: Callable[[str], None] = print,
+            counts: Optional[Counter] = None) -> dict:
+    """Writes the shards and index.json of `files` into `args.out_dir`; returns the index. `counts`:
+    what `expand_inputs` skipped (not_regular, outside_tree), reported in the index."""
     if args.seq_len < 1 or not 0.0 <= args.val_fraction < 1.0:
         raise ValueError("need seq_len >= 1 and 0 <= val_fraction < 1")
     root = Path(args.out_dir)
@@ -188,15 +212,20 @@ def prepare(args: PrepareArgs, files: Sequence[Path | str], log: Callable[[str],
         raise ValueError(f"{root} holds shards of a different job (see {plan_path}); use another "
                          "folder or --overwrite")
     if (root / INDEX).is_file() and plan_path.is_file():
-        log(f"{root / INDEX} exists for the same inputs and settings: nothing to do")
-        return read_index(root)
+        problems = _output_problems(root, read_index(root))
+        if not problems:
+            log(f"{root / INDEX} exists for the same inputs and settings: nothing to do")
+            return read_index(root)
+        log(f"{root / INDEX} exists for the same job, but {'; '.join(problems[:3])}"
+            f"{f' (and {len(problems) - 3} more)' if len(problems) > 3 else ''}: writing them again")
+        (root / INDEX).unlink()
     write_json_atomic(plan_path, plan)
 
     tok = _load_or_train_tokenizer(args, files, root, log)
     dtype = token_dtype(tok.vocab_size)
     per_shard = args.samples_per_shard or max(1, (64 << 20) // ((args.seq_len + 1) * np.dtype(DTYPES[dtype]).itemsize))
     writers = {s: SplitWriter(root, s, args.seq_len, per_shard, dtype) for s in SPLITS}
-    counts: Counter = Counter()
+    counts = Counter(counts or {})
     docs = iter_documents(files, counts, text_field=args.text_field, skip_bad_files=args.skip_bad_files)
     init = (tok.to_json(), args.seed, args.val_fraction)
     fast = FastByteLevelEncoder(tok)
@@ -230,7 +259,7 @@ def prepare(args: PrepareArgs, files: Sequence[Path | str], log: Callable[[str],
              "seed": args.seed, "val_fraction": args.val_fraction, "samples_per_shard": per_shard,
              "input": {k: counts[k] for k in ("files", "bytes", "documents")},
              "skipped": {k: counts[k] for k in ("non_utf8", "empty", "missing_field", "bad_json", "bad_files",
-                                                    "no_text_member")},
+                                                    "no_text_member", "not_regular", "outside_tree")},
              "splits": {s: {"shards": w.shards, "documents": w.documents, "dropped_tokens": dropped[s],
                             "samples": sum(x["samples"] for x in w.shards),
                             "tokens": sum(x["tokens"] for x in w.shards)} for s, w in writers.items()}}

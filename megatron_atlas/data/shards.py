@@ -12,6 +12,10 @@ Reading: webdataset streams tar files front to back, but random access needs eac
 offset, so shards are opened with `tarfile` (what webdataset reads tars with) once to locate their
 members and checked against index.json, then memory-mapped; a batch is `batch_size` slices of the
 maps (no per-sample parsing, no copy beyond the output tensor).
+
+Integrity: a shard's size is checked against index.json when it is opened and each sample's CRC-32
+against the shard's checksum file the first time the sample is read; token ids outside the
+vocabulary are caught in every batch. Each ShardError names the shard and the sample.
 """
 from __future__ import annotations
 
@@ -23,11 +27,12 @@ from typing import Optional
 import numpy as np
 import torch
 
-from megatron_atlas.data.shard_format import DTYPES, TOKENIZER, read_index, sample_member
+from megatron_atlas.data.shard_format import DTYPES, TOKENIZER, payload_crc32, read_index, sample_member
+from megatron_atlas.errors import FaultError
 
 
-class ShardError(RuntimeError):
-    """A shard is missing, truncated or does not match index.json."""
+class ShardError(FaultError, RuntimeError):
+    """A shard is missing, truncated, corrupt or does not match index.json; names shard and sample."""
 
 
 @dataclass(frozen=True)
@@ -50,12 +55,21 @@ def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
 
 
 class _Shard:
-    """One tar file mapped into memory, with the byte offset of every sample's payload."""
+    """One tar file mapped into memory, with the byte offset of every sample's payload, and each
+    sample's checksum when index.json names a checksum file (`entry`: the shard's index entry)."""
 
-    def __init__(self, path: Path, first_sample: int, samples: int, window: int, dtype: str) -> None:
+    def __init__(self, path: Path, first_sample: int, samples: int, window: int, dtype: str,
+                 entry: Optional[dict] = None) -> None:
         self.path, self.window, self.dtype = path, window, np.dtype(DTYPES[dtype])
+        self.first_sample, self.member_dtype = first_sample, dtype
+        entry = entry or {}
         if not path.is_file():
             raise ShardError(f"shard {path} is missing")
+        size = path.stat().st_size
+        if "bytes" in entry and size != entry["bytes"]:
+            raise ShardError(self._size_problem(size, entry["bytes"], samples))
+        self.crc32 = self._checksums(path.with_name(entry["crc32"]), samples) if "crc32" in entry else None
+        self.checked = np.zeros(samples, dtype=bool)
         raw = np.memmap(path, dtype=np.uint8, mode="r")
         offsets = _regular_offsets(raw, first_sample, samples, window * self.dtype.itemsize, dtype)
         if offsets is None:   # not the layout the writer makes: walk the headers, name what is wrong
@@ -64,9 +78,38 @@ class _Shard:
         # payloads start on 512-byte blocks, so the file reads as whole items of the token dtype
         self.data = raw[: len(raw) // self.dtype.itemsize * self.dtype.itemsize].view(self.dtype)
 
+    def _size_problem(self, size: int, expected: int, samples: int) -> str:
+        said = f"shard {self.path} has {size:,} bytes, index.json says {expected:,}"
+        if size > expected:
+            return f"{said}: it was replaced or appended to"
+        # the writer's layout: sample j's payload ends at j * stride + 512 + payload bytes
+        nbytes = self.window * self.dtype.itemsize
+        stride = 512 + -(-nbytes // 512) * 512
+        cut = min(samples - 1, max(0, (size - 512 - nbytes) // stride + 1))
+        return f"{said}: truncated, {self.describe(cut)} is the first cut off"
+
+    def _checksums(self, path: Path, samples: int) -> np.ndarray:
+        if not path.is_file():
+            raise ShardError(f"the checksum file {path} of shard {self.path} is missing")
+        crc32 = np.fromfile(path, dtype="<u4")
+        if len(crc32) != samples:
+            raise ShardError(f"the checksum file {path} holds {len(crc32)} checksums; shard {self.path} has "
+                             f"{samples} samples (a damaged checksum file)")
+        return crc32
+
+    def describe(self, i: int) -> str:
+        sample = self.first_sample + i
+        return f"shard {self.path}, sample {sample} ({sample_member(sample, self.member_dtype)})"
+
     def row(self, i: int) -> np.ndarray:
         o = self.offsets[i]
-        return self.data[o:o + self.window]
+        window = self.data[o:o + self.window]
+        if self.crc32 is not None and not self.checked[i]:   # once per sample and process
+            if payload_crc32(window) != self.crc32[i]:
+                raise ShardError(f"{self.describe(i)} does not match its checksum: the shard's bytes changed "
+                                 "after it was written (corrupt shard; re-run tools/prepare_data.py)")
+            self.checked[i] = True
+        return window
 
 
 def _regular_offsets(raw: np.ndarray, first_sample: int, samples: int, nbytes: int,
@@ -179,15 +222,22 @@ class ShardSource:
         if k not in self._shards:
             s = self.shard_info[k]
             self._shards[k] = _Shard(self.root / s["name"], int(self.starts[k]), s["samples"], self.window,
-                                     self.index["dtype"])
+                                     self.index["dtype"], s)
         return self._shards[k]
 
     def windows(self, ids: np.ndarray) -> np.ndarray:
-        """Rows of `seq_len + 1` ids, int64 `[len(ids), seq_len + 1]`."""
+        """Rows of `seq_len + 1` ids, int64 `[len(ids), seq_len + 1]`; ShardError on an id outside
+        the vocabulary (which would otherwise fail later in the embedding, naming nothing)."""
         out = np.empty((len(ids), self.seq_len + 1), dtype=np.int64)
         shard_of = np.searchsorted(self.starts, ids, side="right") - 1
         for r, (sample, k) in enumerate(zip(ids.tolist(), shard_of.tolist())):
             out[r] = self._shard(k).row(sample - int(self.starts[k]))[:self.seq_len + 1]
+        if out.size and out.max() >= self.vocab_size:
+            r = int(np.argmax(out.max(axis=1) >= self.vocab_size))
+            k = int(shard_of[r])
+            raise ShardError(f"{self._shard(k).describe(int(ids[r]) - int(self.starts[k]))} holds token id "
+                             f"{int(out[r].max())}, outside the {self.vocab_size} ids of {self.root / 'index.json'} "
+                             "(corrupt shard)")
         return out
 
     def batch(self, index: int, worker_id: int = 0, num_workers: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

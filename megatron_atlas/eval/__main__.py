@@ -9,6 +9,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from megatron_atlas.errors import FaultError
 from megatron_atlas.eval import perplexity, report, suites
 from megatron_atlas.eval.lm import EvalLM, load_lm, unique_names
 from megatron_atlas.eval.tasks import NEEDLE_KINDS
@@ -99,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stride", type=int, default=512)
     p.add_argument("--prefill-chunk", type=int, default=2048, help="tokens per cached step on long prompts")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let a Hugging Face folder run its own Python model code (auto_map); this project's "
+                        "exports never need it here (they load from their weights and config.json)")
     return p
 
 
@@ -167,7 +171,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     lms = []
     for i, spec in enumerate(args.models):
         print(f"loading {spec}", flush=True)
-        lm = load_lm(spec, args.tokenizer, names[i] if names else None)
+        try:
+            lm = load_lm(spec, args.tokenizer, names[i] if names else None,
+                         trust_remote_code=args.trust_remote_code)
+        except (ValueError, FaultError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         lm.prefill_chunk = args.prefill_chunk
         lms.append(lm)
     unique_names(lms)

@@ -69,9 +69,23 @@ def _is_hf_folder(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file()
 
 
+def _load_foreign(path: Path, trust_remote_code: bool) -> torch.nn.Module:
+    """Any HF causal LM. Its folder's own Python files (auto_map) run only with trust_remote_code."""
+    from transformers import AutoModelForCausalLM
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=trust_remote_code).eval()
+    except ValueError as e:
+        if trust_remote_code or "trust_remote_code" not in str(e):
+            raise
+        raise ValueError(f"{path} ships its own model code (auto_map in config.json), and loading it would run "
+                         "that code: pass --trust-remote-code if you trust this folder") from None
+
+
 def load_lm(spec: str, tokenizer: Optional[str] = None, name: Optional[str] = None,
-            config: Optional[str] = None) -> EvalLM:
-    """`spec`: a native checkpoint (run folder, step folder or state-dict file) or an HF folder."""
+            config: Optional[str] = None, trust_remote_code: bool = False) -> EvalLM:
+    """`spec`: a native checkpoint (run folder, step folder or state-dict file) or an HF folder.
+    This project's exports load as AtlasLM from their safetensors and config.json (none of the
+    folder's code runs); another folder's code runs only with `trust_remote_code`."""
     path = Path(spec)
     label = name or path.name
     if _is_hf_folder(path):
@@ -87,9 +101,8 @@ def load_lm(spec: str, tokenizer: Optional[str] = None, name: Optional[str] = No
             tok = load_tokenizer(tokenizer or (str(path) if (path / "tokenizer.json").is_file() else None))
             return EvalLM(label, model.eval(), tok, run_config)
         from tokenizers import Tokenizer
-        from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=True).eval()
+        model = _load_foreign(path, trust_remote_code)
         tok_file = Path(tokenizer) if tokenizer else path / "tokenizer.json"
         tok = Tokenizer.from_file(str(tok_file)) if tok_file.is_file() else byte_tokenizer()
         return EvalLM(label, model, tok, {}, native=False)

@@ -13,16 +13,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import torch
 from omegaconf import OmegaConf
 
+from megatron_atlas.atomic import removed_on_failure, replace_folder
 from megatron_atlas.model import ModelConfig, build_model, resolve_ffn_hidden
-from megatron_atlas.train.checkpoint import (STATE_FILE, find_latest, is_deepspeed_checkpoint,
-                                             load_checkpoint, rng_state, save_checkpoint)
+from megatron_atlas.train.checkpoint import (STATE_FILE, checkpoint_dir, complete_checkpoints, find_latest,
+                                             is_deepspeed_checkpoint, load_checkpoint, rng_state, save_checkpoint)
 from megatron_atlas.train.config import TrainConfig
+from megatron_atlas.train.safe_load import load_torch_file
 
 ENTRY_MODULES = ("megatron_atlas.hf.configuration_atlas", "megatron_atlas.hf.modeling_atlas")
 AUTO_MAP = {"AutoConfig": "configuration_atlas.AtlasConfig",
@@ -66,7 +69,7 @@ def read_native(checkpoint: str | Path, config: Optional[str | Path] = None) -> 
         state = load_checkpoint(path)
         config_file = Path(config) if config else path / "config.yaml"
     elif path.is_file():
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = load_torch_file(path)
         config_file = Path(config) if config else path.parent / "config.yaml"
     else:
         raise FileNotFoundError(f"no checkpoint at {path}")
@@ -110,14 +113,47 @@ def build_hf_model(cfg: ModelConfig, weights: Dict[str, torch.Tensor], train: Op
 def export_hf(checkpoint: str | Path, out: str | Path, max_shard_size: str | int = "2GB",
               tokenizer: Optional[str] = None, config: Optional[str | Path] = None,
               log=print) -> Path:
+    """Write the export into a temporary sibling of `out`, then put it in place of `out`."""
+    out = Path(out)
+    replacing = _check_replaceable(out)
+    native = read_native(checkpoint, config)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    with removed_on_failure(tmp, str(out)):
+        files = _write_export(native, tmp, max_shard_size, tokenizer, log)
+    replace_folder(tmp, out)   # a re-export leaves no stale weights or index of the earlier one
+    if replacing:
+        log(f"replaced the earlier export in {out}")
+    log(f"wrote weights, config.json, generation_config.json and README.md; vendored {len(files)} source files")
+    return out
+
+
+def _check_replaceable(out: Path) -> bool:
+    """True when `out` holds an earlier export of this project (replaced as a whole); an empty or
+    missing folder is fine; anything else is refused rather than mixed with the export."""
+    from megatron_atlas.hf.configuration_atlas import AtlasConfig
+
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return False
+    try:
+        ours = json.loads((out / "config.json").read_text()).get("model_type") == AtlasConfig.model_type
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if not ours:
+        raise FileExistsError(f"{out} exists and is not an export of this project (no config.json with "
+                              f"model_type {AtlasConfig.model_type!r}); choose a new or empty folder")
+    return True
+
+
+def _write_export(native: NativeCheckpoint, out: Path, max_shard_size: str | int, tokenizer: Optional[str],
+                  log) -> list:
+    """Everything of an export into the (empty) folder `out`; returns the vendored file names."""
     from megatron_atlas.hf.model_card import model_card, read_training_facts
     from megatron_atlas.hf.tokenizer import load_tokenizer, resolve_tokenizer_file, save_hf_tokenizer
     from megatron_atlas.hf.vendor import vendor
 
-    native = read_native(checkpoint, config)
     cfg, run_config = native.cfg, native.run_config
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     trained_length = (run_config.get("train") or {}).get("seq_len")
     tok_file = resolve_tokenizer_file(tokenizer, run_config)
     special: Dict[str, Optional[int]] = {}
@@ -133,8 +169,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, max_shard_size: str | int
     (out / "README.md").write_text(model_card(cfg, model.model.num_parameters(), run_config.get("train"),
                                               facts, trained_length, special))
     _readable_by_all(out)
-    log(f"wrote weights, config.json, generation_config.json and README.md; vendored {len(files)} source files")
-    return out
+    return files
 
 
 def _readable_by_all(folder: Path) -> None:
@@ -178,6 +213,16 @@ def load_hf_weights(hf_dir: str | Path) -> Tuple[ModelConfig, Dict[str, torch.Te
     return cfg, weights, config.atlas_train
 
 
+def _check_new_run_folder(out: Path) -> None:
+    """An import starts a run: into a folder holding one it would repoint `latest` and overwrite
+    config.yaml, so that is refused."""
+    held = [name for name in ("config.yaml", "metrics.jsonl") if (out / name).exists()]
+    held += complete_checkpoints(checkpoint_dir(out))
+    if held:
+        raise FileExistsError(f"{out} already holds a run ({', '.join(held[:4])}); importing into it would "
+                              "repoint its `latest` checkpoint and overwrite its config.yaml: choose a new folder")
+
+
 def import_hf(hf_dir: str | Path, out_dir: str | Path, seed: Optional[int] = None,
               micro_batch_size: Optional[int] = None, log=print) -> Path:
     """Write OUT/checkpoints/step-00000000: the weights, a fresh optimizer state, step 0.
@@ -190,6 +235,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, seed: Optional[int] = Non
     from megatron_atlas.train.data import fresh_state
     from megatron_atlas.train.optim import build_optimizer
 
+    _check_new_run_folder(Path(out_dir))
     cfg, weights, train = load_hf_weights(hf_dir)
     train_cfg = OmegaConf.structured(TrainConfig)
     if train:

@@ -6,6 +6,7 @@ relations between fields and names the offending key in its message.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -16,6 +17,8 @@ BLOCKS = ("lmm", "mag", "mal", "swa", "attn")
 # with d_k: half the head width, at most POLY_KEY_DIM (D = 153 at p = 2). 32 (D = 561) made a degree-2
 # memory layer 3-4x a Titans layer's time at 170M width; the papers do not state their key width.
 POLY_KEY_DIM = 16
+# Widest polynomial feature map accepted: the memory state and its per-chunk updates scale with it.
+MAX_FEATURE_WIDTH = 1 << 16
 
 
 class ConfigError(ValueError):
@@ -151,4 +154,13 @@ class ModelConfig:
             _check_positive(f"model.{key}", getattr(self, key), minimum=0)
         self.memory.validate()
         self.attention.validate(self.n_heads)
+        if self.has_memory and self.memory.degree > 1:
+            width = math.comb(self.mem_key_dim + self.memory.degree, self.memory.degree)  # features.feature_dim
+            if width > MAX_FEATURE_WIDTH:
+                raise ConfigError(
+                    f"model.memory.degree={self.memory.degree} with key width {self.mem_key_dim} (model.memory."
+                    f"key_dim) gives polynomial features of width C({self.mem_key_dim}+{self.memory.degree}, "
+                    f"{self.memory.degree}) = {width:,}; the memory's state grows with it (the tiny model at "
+                    f"width 125,970 asks for 2 GB in one allocation). Keep it <= {MAX_FEATURE_WIDTH:,}: lower "
+                    "model.memory.degree or model.memory.key_dim")
         return self

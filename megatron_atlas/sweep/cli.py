@@ -65,8 +65,12 @@ def cmd_launch(args: argparse.Namespace) -> int:
         return 0
     outcomes = runner.launch_local(out, only or None, args.launcher, log=_log)
     failed = [k for k, v in outcomes.items() if v.startswith("failed")]
+    stopped = sum(v.startswith("stopped") for v in outcomes.values())
+    busy = sum(v == "busy" for v in outcomes.values())
+    extra = (f", {stopped} stopped early" if stopped else "") + (f", {busy} busy (another launch trains them)"
+                                                                 if busy else "")
     _log(f"launch: {sum(v == 'ran' for v in outcomes.values())} ran, "
-         f"{sum(v == 'skipped' for v in outcomes.values())} skipped (done), {len(failed)} failed")
+         f"{sum(v == 'skipped' for v in outcomes.values())} skipped (done){extra}, {len(failed)} failed")
     return 1 if failed else 0
 
 
@@ -268,11 +272,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)   # --help exits here, before torch is imported
+    from megatron_atlas.errors import FaultError
     from megatron_atlas.model.config import ConfigError
     if args.command == "all":
         args.csv, args.fit_out = None, None
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, KeyError, IndexError, ValueError, subprocess.CalledProcessError) as e:
+    except (ConfigError, FaultError, FileNotFoundError, KeyError, IndexError, ValueError,
+            subprocess.CalledProcessError) as e:
         print(f"sweep {args.command}: {e}", file=sys.stderr)
         return 2

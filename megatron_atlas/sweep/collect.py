@@ -3,7 +3,9 @@
 Reads `metrics.jsonl` as `megatron_atlas/train/loop.py` writes it: `train` records (step, loss,
 tokens, flops, tokens_per_s, ...), `eval` records (step, loss, perplexity, accuracy) and one
 `summary` at the end. A resumed run appends to the file, so records of steps after its checkpoint
-may appear twice: the later one wins. Parameters and FLOPs per token come from the plan.
+may appear twice: the later one wins. Parameters and FLOPs per token come from the plan. Lines that
+are not JSON (a write cut off by a kill, or two trainers writing one file) are skipped, counted in
+the `torn_lines` column and reported.
 """
 from __future__ import annotations
 
@@ -19,20 +21,30 @@ RESULTS_FILE = "results.csv"
 COLUMNS = ("run_id", "preset", "budget", "status", "n_layers", "d_model", "n_heads", "params",
            "params_non_embedding", "flops_per_token", "steps_planned", "steps_done", "tokens", "flops",
            "final_loss", "smoothed_loss", "final_train_loss", "best_loss", "n_evals", "tokens_per_s",
-           "elapsed_s")
+           "elapsed_s", "torn_lines")
+
+
+def read_metrics(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
+    """(the JSON records of a metrics file, the 1-based numbers of the lines that are not JSON)."""
+    if not Path(path).is_file():
+        return [], []
+    records, torn = [], []
+    for number, line in enumerate(Path(path).read_text(errors="replace").splitlines(), 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            torn.append(number)
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            torn.append(number)
+    return records, torn
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
-    """The JSON records of a metrics file; a torn last line (a killed writer) is ignored."""
-    if not Path(path).is_file():
-        return []
-    records = []
-    for line in Path(path).read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
+    """The JSON records of a metrics file (lines that are not JSON are left out)."""
+    return read_metrics(path)[0]
 
 
 def _by_step(records: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
@@ -48,7 +60,7 @@ def smoothed(losses: list[float], k: int) -> float:
 
 
 def run_row(run: PlannedRun, directory: Path, status: str, smooth_k: int = 2) -> dict[str, Any]:
-    records = read_records(directory / "metrics.jsonl")
+    records, torn = read_metrics(directory / "metrics.jsonl")
     evals, trains = _by_step(records, "eval"), _by_step(records, "train")
     summaries = [r for r in records if r.get("kind") == "summary"]
     eval_losses = [float(r["loss"]) for r in evals]
@@ -68,6 +80,7 @@ def run_row(run: PlannedRun, directory: Path, status: str, smooth_k: int = 2) ->
         # the summary's rate covers the whole run; the train records' mean excludes the first step
         "tokens_per_s": summary.get("tokens_per_s", sum(rates) / len(rates) if rates else math.nan),
         "elapsed_s": summary.get("elapsed_s", last_train.get("elapsed_s", math.nan)),
+        "torn_lines": len(torn),
     }
 
 
@@ -86,6 +99,10 @@ def collect(out: Path, csv_path: Optional[Path] = None, smooth_k: int = 2,
     counts = {s: sum(r["status"] == s for r in rows) for s in ("done", "partial", "pending")}
     log(f"collected {len(rows)} runs ({counts['done']} done, {counts['partial']} partial, "
         f"{counts['pending']} pending) -> {path}")
+    for run, r in zip(runs, rows):
+        if r["torn_lines"]:
+            log(f"  {r['run_id']}: {r['torn_lines']} line(s) of {run_dir(out, run) / 'metrics.jsonl'} are not "
+                "JSON and were skipped (a write cut off by a kill, or two trainers writing at once)")
     for r in rows:
         log(f"  {r['run_id']:<38} {r['status']:<8} loss {r['final_loss']:.4f} (smoothed {r['smoothed_loss']:.4f}) "
             f"N {r['params_non_embedding']:,} D {r['tokens']:,} {r['tokens_per_s']:.0f} tok/s")

@@ -1,10 +1,15 @@
 """Launch a planned sweep: locally one run after another, or as a Slurm job array.
 
-A run is `done` when its folder holds the DONE marker (written after the trainer exits 0) or a
-`summary` record for the planned step count in metrics.jsonl; `partial` when it has a checkpoint or
-metrics but is not done (it continues from its latest checkpoint: every run is launched with
-`train.resume=auto`); `pending` otherwise. Done runs are skipped, so rerunning `launch` after a crash,
-a time limit or a cancelled array only does what is left.
+A run is `done` when its checkpoints or its `train` records reach the planned step count (the
+DONE marker is written then; on its own it counts only when nothing contradicts it, e.g. after the
+checkpoints were cleaned up); `partial` when it has a checkpoint or metrics but is not done, also a
+run that exited 0 early (`train.exit_at_step`): it continues from its latest checkpoint, since every
+run is launched with `train.resume=auto`; `pending` otherwise. Done runs are skipped, so rerunning
+`launch` after a crash, a time limit or a cancelled array only does what is left.
+
+Locks (megatron_atlas/locks.py): a whole-plan launch holds the sweep folder's lock, so a second one
+stops with the holder named; every launch (array tasks too) holds a run folder's lock while it
+trains that run, and passes over runs another launch is training.
 """
 from __future__ import annotations
 
@@ -18,6 +23,8 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from megatron_atlas.atomic import write_text_atomic
+from megatron_atlas.errors import LockHeld
+from megatron_atlas.locks import LAUNCH_LOCK, folder_lock
 from megatron_atlas.sweep.collect import read_records
 from megatron_atlas.sweep.grid import PlannedRun, read_plan
 from megatron_atlas.sweep.spec import SweepSpec
@@ -43,14 +50,20 @@ def latest_checkpoint_step(directory: Path) -> Optional[int]:
     return int(digits) if digits else None
 
 
+def steps_reached(directory: Path, records: Optional[list] = None) -> int:
+    """The furthest step the run's latest checkpoint or its `train` records show (0: none)."""
+    records = read_records(directory / "metrics.jsonl") if records is None else records
+    trained = [int(r["step"]) for r in records if r.get("kind") == "train" and "step" in r]
+    return max([latest_checkpoint_step(directory) or 0, *trained])
+
+
 def run_status(directory: Path, planned_steps: int) -> str:
     """`done`, `partial` or `pending` (module docstring)."""
-    if (directory / DONE_MARKER).is_file():
-        return "done"
     records = read_records(directory / "metrics.jsonl")
-    if any(r.get("kind") == "summary" and r.get("steps") == planned_steps for r in records):
+    reached = steps_reached(directory, records)
+    if reached >= planned_steps or ((directory / DONE_MARKER).is_file() and reached == 0):
         return "done"
-    if records or latest_checkpoint_step(directory) is not None:
+    if records or reached or latest_checkpoint_step(directory) is not None:
         return "partial"
     return "pending"
 
@@ -99,7 +112,8 @@ def _run_one(command: list[str], directory: Path, prefix: str, log: Callable[[st
         for line in proc.stdout:
             logfile.write(line)
             logfile.flush()
-            if line.startswith(("eval ", "done:", "resumed", "config error", "training stopped", "Traceback")):
+            if line.startswith(("eval ", "done:", "resumed", "config error", "training stopped", "error:",
+                                "Traceback")):
                 log(f"{prefix} {line.rstrip()}")
         return proc.wait()
 
@@ -107,7 +121,16 @@ def _run_one(command: list[str], directory: Path, prefix: str, log: Callable[[st
 def launch_local(out: Path, only: Optional[Sequence[str]] = None, launcher: Optional[str] = None,
                  log: Callable[[str], None] = print,
                  run_one: Callable[[list[str], Path, str, Callable[[str], None]], int] = _run_one) -> dict[str, str]:
-    """Runs every unfinished run of the plan in order; returns {run_id: outcome}."""
+    """Runs every unfinished run of the plan in order; returns {run_id: outcome}. A whole-plan
+    launch holds the sweep folder's lock (LockHeld when another one does)."""
+    if only:
+        return _launch(out, only, launcher, log, run_one)
+    with folder_lock(out, LAUNCH_LOCK, "a sweep launch"):
+        return _launch(out, only, launcher, log, run_one)
+
+
+def _launch(out: Path, only: Optional[Sequence[str]], launcher: Optional[str], log: Callable[[str], None],
+            run_one: Callable[[list[str], Path, str, Callable[[str], None]], int]) -> dict[str, str]:
     spec, runs = read_plan(out)
     if only:
         unknown = sorted(set(only) - {r.run_id for r in runs})
@@ -126,23 +149,42 @@ def launch_local(out: Path, only: Optional[Sequence[str]] = None, launcher: Opti
             outcomes[run.run_id] = "skipped"
             total_flops -= run.flops
             continue
-        step = latest_checkpoint_step(directory) if status == "partial" else None
-        log(f"{prefix}: {'resuming from step ' + str(step) if step else 'starting'} "
-            f"({run.steps} steps, {run.tokens:,} tokens, {run.flops:.3g} FLOPs)")
         t0 = time.perf_counter()
-        rc = run_one(train_command(run, directory, launcher), directory, prefix, log)
-        if rc == 0:
-            write_text_atomic(directory / DONE_MARKER, f"{run.steps}\n")
-            outcomes[run.run_id] = "ran"
-        else:
-            outcomes[run.run_id] = f"failed (exit {rc}; see {directory / 'train.log'})"
-            log(f"{prefix}: FAILED with exit code {rc}; log: {directory / 'train.log'}")
+        try:
+            with folder_lock(directory, LAUNCH_LOCK, f"sweep run {run.run_id}"):
+                status = run_status(directory, run.steps)   # again: another launch may have finished it
+                outcomes[run.run_id] = "skipped" if status == "done" else \
+                    _train_run(run, directory, status, prefix, launcher, log, run_one)
+        except LockHeld as e:
+            outcomes[run.run_id] = "busy"
+            log(f"{prefix}: passed over: {e}")
+        if outcomes[run.run_id] in ("busy", "skipped"):
+            total_flops -= run.flops
+            continue
         done_flops += run.flops
         elapsed = time.perf_counter() - start
         eta = elapsed / done_flops * (total_flops - done_flops) if done_flops else float("nan")
         log(f"{prefix}: {format_duration(time.perf_counter() - t0)} | sweep {100 * done_flops / max(total_flops, 1e-30):.0f}% "
             f"of FLOPs to run, elapsed {format_duration(elapsed)}, eta {format_duration(eta)}")
     return outcomes
+
+
+def _train_run(run: PlannedRun, directory: Path, status: str, prefix: str, launcher: Optional[str],
+               log: Callable[[str], None], run_one: Callable[[list[str], Path, str, Callable[[str], None]], int]) -> str:
+    """Trains one run (resuming it); DONE only once its steps are all there. Returns the outcome."""
+    step = latest_checkpoint_step(directory) if status == "partial" else None
+    log(f"{prefix}: {'resuming from step ' + str(step) if step else 'starting'} "
+        f"({run.steps} steps, {run.tokens:,} tokens, {run.flops:.3g} FLOPs)")
+    rc = run_one(train_command(run, directory, launcher), directory, prefix, log)
+    if rc != 0:
+        log(f"{prefix}: FAILED with exit code {rc}; log: {directory / 'train.log'}")
+        return f"failed (exit {rc}; see {directory / 'train.log'})"
+    reached = steps_reached(directory)
+    if reached < run.steps:   # exit 0 before the end: train.exit_at_step, a time-limited job
+        log(f"{prefix}: stopped at step {reached} of {run.steps}; launch again to continue")
+        return f"stopped at step {reached}"
+    write_text_atomic(directory / DONE_MARKER, f"{run.steps}\n")
+    return "ran"
 
 
 def slurm_command(out: Path, max_parallel: int = 0, extra: Sequence[str] = ()) -> Optional[list[str]]:

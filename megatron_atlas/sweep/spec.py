@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -59,6 +60,9 @@ class SweepSpec:
             raise ConfigError(f"warmup_fraction={self.warmup_fraction!r} must be in [0, 1)")
         if not 0.0 < self.flops_tolerance < 1.0:
             raise ConfigError(f"flops_tolerance={self.flops_tolerance!r} must be in (0, 1)")
+        for item in self.overrides:
+            if not isinstance(item, str):
+                raise ConfigError(f"overrides: {item!r} is not a KEY=VALUE string, e.g. overrides=[train.lr=1e-3]")
         return self
 
 
@@ -86,4 +90,9 @@ def load_spec(name_or_path: str, overrides: Sequence[str] = ()) -> SweepSpec:
         spec = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
         raise ConfigError(f"sweep config {path}: {e.msg.splitlines()[0]} (key {e.full_key})") from None
+    except yaml.YAMLError as e:   # a value that is not YAML, in the file or in an override
+        where = getattr(e, "problem_mark", None)
+        raise ConfigError(f"sweep config {path} or its overrides ({' '.join(overrides) or 'none'}): not valid "
+                          f"YAML ({getattr(e, 'problem', None) or e}{f', column {where.column + 1}' if where else ''})"
+                          ) from None
     return spec.validate()

@@ -5,6 +5,7 @@ import sys
 from typing import Optional, Sequence
 
 from megatron_atlas.configs import available, parse_cli, to_model_config, to_parallel_config, to_train_config
+from megatron_atlas.errors import FaultError
 from megatron_atlas.model.config import ConfigError
 
 USAGE = """\
@@ -56,12 +57,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg = parse_cli(argv)
         model_cfg, train_cfg, parallel_cfg = to_model_config(cfg), to_train_config(cfg), to_parallel_config(cfg)
         from megatron_atlas.train.loop import train   # torch import only once the config is good
-        train(model_cfg, train_cfg, parallel_cfg=parallel_cfg)
+        from megatron_atlas.train.preflight import out_of_memory_message, preflight
+        preflight(model_cfg, train_cfg, parallel_cfg)
+        try:
+            train(model_cfg, train_cfg, parallel_cfg=parallel_cfg)
+        except (MemoryError, RuntimeError) as e:
+            message = out_of_memory_message(e, model_cfg, train_cfg)
+            if message is None:
+                raise
+            print(f"error: {message}", file=sys.stderr)
+            return 1
     except ConfigError as e:   # from the files and overrides, or once the data are opened
         print(f"config error: {e}\n(see python -m megatron_atlas.train --help)", file=sys.stderr)
         return 2
     except FloatingPointError as e:
         print(f"training stopped: {e}", file=sys.stderr)
+        return 1
+    except FaultError as e:   # a damaged checkpoint or shard, a full disk, a busy run folder
+        print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
 

@@ -92,7 +92,7 @@ class DeepSpeedBackend:
             self._load_deepspeed(resume)
 
     def _load_deepspeed(self, path: Path) -> None:
-        state = torch.load(path / ckpt.DEEPSPEED_STATE_FILE, map_location="cpu", weights_only=False)
+        state = ckpt.load_deepspeed_state(path)   # verified and pickle-checked before DeepSpeed reads it
         if state["layout"] != self.layout:
             raise ValueError(f"{path} was written with layout {state['layout']}, this run is {self.layout}; "
                              f"consolidate it (tools/checkpoint_tool.py consolidate {path} OUT) and resume "

@@ -4,7 +4,8 @@ Per TP rank, DeepSpeed's `zero_to_fp32` reassembles the fp32 master weights from
 partitions of that rank's DP group (stage 0 has no partitions: the saved module is the weights).
 `zero_to_fp32` expects one model-parallel rank, so each rank's files are shown to it through a
 folder of links renamed to `mp_rank_00`. The TP shards are then concatenated along each
-parameter's `partition_dim`, recorded in the checkpoint when it was saved.
+parameter's `partition_dim`, recorded in the checkpoint when it was saved. The folder's manifest
+and pickles are checked before DeepSpeed's code reads it (`checkpoint.load_deepspeed_state`).
 """
 from __future__ import annotations
 
@@ -16,14 +17,8 @@ from pathlib import Path
 import torch
 
 from megatron_atlas.train import checkpoint as ckpt
+from megatron_atlas.train.safe_load import load_torch_file
 from megatron_atlas.parallel.sharding import gather_state_dict
-
-
-def read_trainer_state(path: Path) -> dict:
-    file = Path(path) / ckpt.DEEPSPEED_STATE_FILE
-    if not file.is_file():
-        raise FileNotFoundError(f"{path} is not a DeepSpeed checkpoint of this project (no {file.name})")
-    return torch.load(file, map_location="cpu", weights_only=False)
 
 
 def tp_rank_state_dict(ds_dir: Path, tp_rank: int, zero_stage: int) -> dict[str, torch.Tensor]:
@@ -33,7 +28,7 @@ def tp_rank_state_dict(ds_dir: Path, tp_rank: int, zero_stage: int) -> dict[str,
     if not files:
         raise FileNotFoundError(f"{ds_dir}: no files of tensor-parallel rank {tp_rank} ({tag})")
     if zero_stage == 0:
-        module = torch.load(ds_dir / f"{tag}_model_states.pt", map_location="cpu", weights_only=False)["module"]
+        module = load_torch_file(ds_dir / f"{tag}_model_states.pt")["module"]
         return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
     from deepspeed.utils.zero_to_fp32 import _get_fp32_state_dict_from_zero_checkpoint, to_torch_tensor
     with tempfile.TemporaryDirectory() as view:
@@ -47,8 +42,8 @@ def tp_rank_state_dict(ds_dir: Path, tp_rank: int, zero_stage: int) -> dict[str,
 
 
 def consolidate(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """(full TP-free state dict, the checkpoint's trainer state)."""
-    state = read_trainer_state(path)
+    """(full TP-free state dict, the checkpoint's trainer state); the folder is verified first."""
+    state = ckpt.load_deepspeed_state(path)
     layout, keys = state["layout"], state["state_dict_keys"]
     shards = [tp_rank_state_dict(Path(path) / ckpt.DEEPSPEED_TAG, t, layout["zero_stage"])
               for t in range(layout["tp"])]

@@ -14,6 +14,9 @@ a run resumed on another DP size continues the same global sequence.
   any layout reads the same samples. `block` is kept in the loader state: checkpoints of runs that
   generated micro_batch_size x dp_size samples at a time (the stream before block 1) continue
   their own stream exactly. There are no epochs (epoch stays 0).
+
+Every state also records the data's identity (`data`: tokenizer and shard set, data/identity.py);
+a stream started from a state recorded on other data refuses, unless train.data.allow_data_change.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from typing import Optional
 import torch
 
 from megatron_atlas.data.config import STATEFUL_KINDS, DataConfig
+from megatron_atlas.data.identity import check_identity, data_identity
 from megatron_atlas.data.sources import build_source, train_order_seed
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -61,12 +65,17 @@ class TrainStream:
             self.block = int(start["block"])
             self.source = build_source(cfg, batch_size=self.block, **common)
             self._cached: tuple[int, Optional[Batch]] = (-1, None)
+        self.identity = data_identity(self.source, cfg.kind)
+        check_identity(start.get("data"), self.identity, cfg.allow_data_change)
 
     def _position(self, k: int) -> int:
         """MQAR's global stream position of micro-batch k's first sample (shards count their own)."""
         return self.start["consumed"] + k * self.global_batch
 
     def state(self, k: int) -> dict:
+        return {**self._position_state(k), "data": self.identity}
+
+    def _position_state(self, k: int) -> dict:
         if self.kind in STATEFUL_KINDS:
             return self.source.state(k).to_dict()
         position = self._position(k)

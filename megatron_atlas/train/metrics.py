@@ -14,11 +14,15 @@ import torch
 class MetricsWriter:
     """Appends records (`{"kind": "train" | "eval" | "skipped" | "summary", ...}`) to a JSONL file,
     flushed per record so a crashed or running job can be read; with `tensorboard_dir`, the numeric
-    fields of records that carry a `step` also go to TensorBoard as `kind/field`."""
+    fields of records that carry a `step` also go to TensorBoard as `kind/field`. A run starting
+    afresh where a metrics file already is (e.g. train.resume=auto finding no checkpoint) renames
+    that file aside (`set_aside`) instead of truncating it."""
 
     def __init__(self, path: Path, append: bool = False, tensorboard_dir: Optional[Path] = None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        if not append:
+            set_aside(path)
         self._file = path.open("a" if append else "w")   # a resumed run continues the file
         self._board = None
         if tensorboard_dir is not None:
@@ -38,6 +42,17 @@ class MetricsWriter:
         self._file.close()
         if self._board is not None:
             self._board.close()
+
+
+def set_aside(path: Path) -> Optional[Path]:
+    """Rename a non-empty `path` (metrics.jsonl) to the first free metrics.N.jsonl; returns the new name."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return None
+    n = 1
+    while (aside := path.with_name(f"{path.stem}.{n}{path.suffix}")).exists():
+        n += 1
+    path.rename(aside)
+    return aside
 
 
 def format_duration(seconds: float) -> str:
