@@ -38,3 +38,17 @@ def test_memory_estimate_is_within_25_percent_of_a_measured_step(preset, checkpo
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["measured"] > 50 * 2 ** 20, result        # activations dominate: the check means something
     assert 0.75 <= result["estimated"] / result["measured"] <= 1.25, result
+
+
+def test_memory_budget_check_names_the_estimate_and_the_keys_that_lower_it():
+    from megatron_atlas.train.cost import MemoryBudgetError, check_memory_budget, estimates
+    cfg = resolve_ffn_hidden(to_model_config(compose("titans", "tiny")))
+    plain, checkpointed = estimates(cfg, 4096)[False], estimates(cfg, 4096)[True]
+    needed = check_memory_budget(plain, 0)           # 0: no budget, only the figure
+    assert needed > check_memory_budget(checkpointed, 0) > 0
+    with pytest.raises(MemoryBudgetError, match=r"needs about [\d.]+ GiB per GPU .*parallel.activation_checkpointing=true"):
+        check_memory_budget(plain, needed / 2)
+    assert check_memory_budget(plain, needed * 1.01) == needed
+    # ZeRO-3 over 4 ranks shards weights, moments and gradients; TP=2 halves what is left
+    assert check_memory_budget(plain, 0, dp=4, zero_stage=3) < needed
+    assert check_memory_budget(plain, 0, tp=2) == pytest.approx(needed / 2, rel=1e-6)

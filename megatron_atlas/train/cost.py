@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -126,11 +127,16 @@ class MemoryEstimate:
     """Bytes per GPU at the peak of a training step (micro-batch `batch` x `seq_len` tokens)."""
 
     parameters: int
-    weights_and_optimizer: int     # fp32 weights, two AdamW moments, bf16 casts
+    weights: int                   # fp32 weights and their bf16 casts under autocast
+    moments: int                   # the two fp32 AdamW moments
     gradients: int                 # fp32 parameter gradients
     end_of_forward: int            # activations kept by every block + the head and loss's peak
     during_backward: int           # activations still kept + one block's peak
     per_layer_kept: int            # what one block keeps for its backward (without checkpointing)
+
+    @property
+    def weights_and_optimizer(self) -> int:
+        return self.weights + self.moments
 
     @property
     def total(self) -> int:
@@ -163,7 +169,38 @@ def estimates(cfg: ModelConfig, seq_len: int, batch: int = 1, bf16: bool = True,
     for checkpointing in (True, False):
         per_layer = residual if checkpointing else layer.kept
         out[checkpointing] = MemoryEstimate(
-            parameters, parameters * (12 + (2 if bf16 else 0)), 4 * parameters,
+            parameters, parameters * (4 + (2 if bf16 else 0)), 8 * parameters, 4 * parameters,
             end_of_forward=cfg.n_layers * per_layer + loss.peak,
             during_backward=(cfg.n_layers - 1) * per_layer + layer.peak + residual, per_layer_kept=layer.kept)
     return out
+
+
+class MemoryBudgetError(ValueError):
+    """A run's estimated memory per GPU exceeds `train.memory_budget_gb`; the message names the keys."""
+
+
+def per_gpu_bytes(estimate: MemoryEstimate, tp: int = 1, dp: int = 1, zero_stage: int = 0) -> int:
+    """The estimate spread over a layout, roughly: TP shards weights and activations; ZeRO shards
+    the moments over DP (stage >= 1), the gradients (>= 2) and the weights (3)."""
+    weights = estimate.weights / (dp if zero_stage >= 3 else 1)
+    moments = estimate.moments / (dp if zero_stage >= 1 else 1)
+    grads = estimate.gradients / (dp if zero_stage >= 2 else 1)
+    activations = max(estimate.end_of_forward, estimate.during_backward + grads) - grads
+    return int((weights + moments + grads + activations) / tp)
+
+
+def check_memory_budget(estimate: MemoryEstimate, budget_gb: float, *, tp: int = 1, dp: int = 1, zero_stage: int = 0,
+                        checkpointing: bool = False) -> float:
+    """The estimated GiB per GPU; raises MemoryBudgetError when it exceeds `budget_gb` (> 0)."""
+    needed = per_gpu_bytes(estimate, tp, dp, zero_stage) / GIB
+    if budget_gb > 0 and needed > budget_gb:
+        hints = ["train.micro_batch_size (with train.grad_accum to keep the batch)", "train.seq_len"]
+        if not checkpointing:
+            hints.insert(0, "parallel.activation_checkpointing=true")
+        hints += ["parallel.tp", "parallel.zero_stage", "model.memory.chunk / model.memory.ns_block"]
+        raise MemoryBudgetError(
+            f"this run needs about {needed:.1f} GiB per GPU by its estimate (weights and AdamW "
+            f"{per_gpu_bytes(dataclasses.replace(estimate, end_of_forward=0, during_backward=0), tp, dp, zero_stage) / GIB:.1f} GiB, "
+            f"the rest activations), over train.memory_budget_gb={budget_gb:g}; lower it with "
+            + ", ".join(hints) + " (tools/cost.py prints the estimate for other settings)")
+    return needed
