@@ -1,5 +1,5 @@
 """What every Triton kernel module here needs: is Triton importable, is it interpreting, and the
-ahead-of-time compile of one launch configuration (used by tests and tools/bench_memory.py).
+ahead-of-time compile of one launch configuration (used by tests and kernels/memory/triton/resources.py).
 
 Triton decides at `@triton.jit` decoration time whether a kernel is compiled or interpreted
 (TRITON_INTERPRET=1, read when the kernel module is imported), so `interpreted(kernel)` asks the
