@@ -150,6 +150,26 @@ def counted_flops(build: Callable[[], nn.Module], shape: Sequence[int]) -> int:
     return counter.get_total_flops()
 
 
+def add_run_arguments(parser) -> None:
+    """The options every benchmark takes: device, threads, warm-up and timed passes, seed, JSON."""
+    from pathlib import Path
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads (default: torch's; 1 is steadier on a shared CPU)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed passes per measurement (median)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed passes before timing")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
+
+
+def start_run(tool: str, args) -> Tuple[torch.device, Dict[str, object]]:
+    """Applies add_run_arguments' options and prints the header: (device, environment)."""
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    return device, print_header(tool, device, args.warmup, args.repeats)
+
+
 def add_layer_arguments(parser) -> None:
     """The memory layer a benchmark times: the defaults (d 256, 4 heads of 64, MLP memory x4, gd,
     chunk 64), or --preset at --size."""

@@ -4,7 +4,8 @@ table (mean +- std over seeds) and plots.
 
     python tools/ablate.py --shards data/stdlib-256                     # the default grid (~30 min, 2 cores)
     python tools/ablate.py --shards data/stdlib-256 --variants atlas-muon omeganet-gd --seeds 0 --tasks text
-    python tools/ablate.py --shards data/stdlib-256 --docs docs          # also write docs/ablation.md and plots
+    python tools/ablate.py --shards data/stdlib-256 --docs docs          # also write docs/ablation_* tables and plots
+    python tools/ablate.py --shards data/stdlib-256 --grid presets --tasks text --text-steps 100 --name presets
 
 Runs land in --out (default runs/ablation); a finished run's result is reused when the grid runs again.
 The variants are in megatron_atlas/eval/ablation.py (DEFAULT_VARIANTS).
@@ -17,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from megatron_atlas.eval.ablation import DEFAULT_VARIANTS, Settings, markdown, plot, run_grid, summarise
+from megatron_atlas.eval.ablation import GRIDS, Settings, markdown, plot, run_grid, summarise
 
 TEXT_COLUMNS = ("text.val_loss", "text.streaming_ppl", "text.sliding_ppl", "text.streaming_over_sliding", "text.niah")
 
@@ -26,9 +27,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--shards", required=True, help="text shards (tools/prepare_data.py), e.g. data/stdlib-256")
     p.add_argument("--out", type=Path, default=Path("runs/ablation"))
-    p.add_argument("--docs", type=Path, default=None, help="write ablation.md, ablation.json and plots here")
-    p.add_argument("--variants", nargs="+", default=[v.name for v in DEFAULT_VARIANTS],
-                   help=f"from: {', '.join(v.name for v in DEFAULT_VARIANTS)}")
+    p.add_argument("--docs", type=Path, default=None,
+                   help="write <prefix>_tables.md, <prefix>.json and <prefix>_*.png here (prefix: --name)")
+    p.add_argument("--name", default="ablation", help="file prefix under --docs")
+    p.add_argument("--grid", default="default", choices=sorted(GRIDS),
+                   help="default: the rule and the paper's orderings; presets: every memory preset as shipped")
+    p.add_argument("--variants", nargs="+", default=None, help="a subset of the grid's variants (default: all)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--tasks", nargs="+", default=["text", "mqar"], choices=["text", "mqar"])
     p.add_argument("--text-steps", type=int, default=60)
@@ -37,11 +41,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
                    help="an override for every run (repeatable)")
     args = p.parse_args(argv)
-    known = {v.name: v for v in DEFAULT_VARIANTS}
-    unknown = [n for n in args.variants if n not in known]
+    known = {v.name: v for v in GRIDS[args.grid]}
+    names = args.variants or list(known)
+    unknown = [n for n in names if n not in known]
     if unknown:
-        p.error(f"unknown variants {unknown}; choose from {', '.join(known)}")
-    variants = [known[n] for n in args.variants]
+        p.error(f"unknown variants {unknown} in grid {args.grid!r}; choose from {', '.join(known)}")
+    variants = [known[n] for n in names]
     settings = Settings(shards=args.shards, seeds=args.seeds, tasks=args.tasks, text_steps=args.text_steps,
                         mqar_steps=args.mqar_steps, long_tokens=args.long_tokens, extra=tuple(args.extra))
     print(f"ablation: {len(variants)} variants x {len(args.tasks)} tasks x {len(args.seeds)} seeds -> {args.out}")
@@ -53,16 +58,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print("\n" + text + "\n\n" + recall)
     if args.docs:
         args.docs.mkdir(parents=True, exist_ok=True)
-        (args.docs / "ablation.json").write_text(json.dumps({"settings": vars(settings), "results": results},
+        (args.docs / f"{args.name}.json").write_text(json.dumps({"settings": vars(settings), "results": results},
                                                             indent=1, default=str))
         if "text" in args.tasks:
             plot(table, ("text.streaming_over_sliding", "text.sliding_ppl", "text.val_loss"),
-                 args.docs / "ablation_text.png", f"text, T={settings.seq_len}, {settings.text_steps} steps, "
+                 args.docs / f"{args.name}_text.png", f"text, T={settings.seq_len}, {settings.text_steps} steps, "
                  f"long document {settings.long_tokens} tokens")
         if "mqar" in args.tasks:
-            plot(table, mqar_columns, args.docs / "ablation_mqar.png",
+            plot(table, mqar_columns, args.docs / f"{args.name}_mqar.png",
                  f"MQAR accuracy, trained at {settings.mqar_pairs_trained} pairs, {settings.mqar_steps} steps")
-        (args.docs / "ablation_tables.md").write_text(text + "\n\n" + recall + "\n")
+        (args.docs / f"{args.name}_tables.md").write_text(text + "\n\n" + recall + "\n")
     return 0
 
 

@@ -13,13 +13,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-from pathlib import Path
 from typing import Dict, Optional, Sequence
 
 import torch
 
-from megatron_atlas.benchmark import (add_layer_arguments, counted_flops, layer_config, matmul_rate, print_header,
-                                      print_timing, random_input, time_fwd_bwd, verdict)
+from megatron_atlas.benchmark import (add_layer_arguments, add_run_arguments, counted_flops, layer_config,
+                                      matmul_rate, print_timing, random_input, start_run, time_fwd_bwd, verdict)
 from megatron_atlas.model.config import ModelConfig
 from megatron_atlas.model.memory_layer import MemoryLayer
 
@@ -43,22 +42,14 @@ def recurrence_shapes(cfg: ModelConfig, batch: int) -> list:
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
+    add_run_arguments(p)
     p.add_argument("--reference-repeats", type=int, default=1, help="timed passes of the slow token loop")
     p.add_argument("--skip-reference", action="store_true")
     p.add_argument("--length", type=int, default=2048)
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", type=Path, default=None)
     add_layer_arguments(p)
     args = p.parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    env = print_header("bench_operator", device, args.warmup, args.repeats)
+    device, env = start_run("bench_operator", args)
     cfg = layer_config(args)
     print(f"\nMemoryLayer fwd+bwd, B={args.batch} T={args.length}: {cfg.memory}")
     x = random_input(args.batch, args.length, cfg.d_model, device, args.seed)

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Dict, Optional, Sequence
 
 import torch
 
-from megatron_atlas.benchmark import (add_layer_arguments, layer_config, print_header, print_timing, random_input,
-                                      time_fwd_bwd, verdict)
+from megatron_atlas.benchmark import (add_layer_arguments, add_run_arguments, layer_config, print_timing,
+                                      random_input, start_run, time_fwd_bwd, verdict)
 from megatron_atlas.model.memory_layer import MemoryLayer
 
 TARGET_8K_OVER_2K = 4.5
@@ -24,20 +23,12 @@ TARGET_8K_OVER_2K = 4.5
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
+    add_run_arguments(p)
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", type=Path, default=None)
     add_layer_arguments(p)
     args = p.parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    env = print_header("bench_scaling", device, args.warmup, args.repeats)
+    device, env = start_run("bench_scaling", args)
     cfg = layer_config(args)
     torch.manual_seed(args.seed)
     layer = MemoryLayer(cfg).to(device)

@@ -12,13 +12,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from megatron_atlas.benchmark import print_header, print_timing, random_input, time_fwd_bwd, verdict
+from megatron_atlas.benchmark import add_run_arguments, print_timing, random_input, start_run, time_fwd_bwd, verdict
 from megatron_atlas.model.config import MemoryLayerConfig, ModelConfig
 from megatron_atlas.model.memory_layer import MemoryLayer
 
@@ -169,22 +168,14 @@ def batch_size_arg(text: str) -> Optional[int]:
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
+    add_run_arguments(p)
     p.add_argument("--titans-batch", type=int, default=2)
     p.add_argument("--titans-length", type=int, default=4096)
     p.add_argument("--titans-batch-sizes", type=batch_size_arg, nargs="+", default=[None],
                    help="NeuralMemory batch_size values to time; the first is the headline. none = all "
                         "gradients at the initial weights (its default); 64 = weights updated after every chunk")
-    p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    env = print_header("bench_titans", device, args.warmup, args.repeats)
+    device, env = start_run("bench_titans", args)
     result = {"environment": env, **bench_titans(args, device)}
     if args.json:
         args.json.write_text(json.dumps(result, indent=1, default=str))

@@ -308,7 +308,7 @@ def time_layers(deadline: Deadline, lengths: List[int], repeats: int, shapes=LAY
                         row[impl] = f"not covered: {reason}"
                         continue
 
-                    def run():
+                    def run(layer=layer):
                         with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
                             y, _ = layer(x)
                         y.float().square().mean().backward()

@@ -51,6 +51,12 @@ DEFAULT_VARIANTS = (
 )
 
 
+# Every memory preset as shipped (the README's main job, shortened): the long-context check.
+PRESET_VARIANTS = tuple(Variant(p, p, (), "preset as shipped") for p in
+                        ("titans", "omeganet", "dla", "atlas", "atlas_pp", "atlas_mag", "atlas_mal"))
+GRIDS = {"default": DEFAULT_VARIANTS, "presets": PRESET_VARIANTS}
+
+
 @dataclass
 class Settings:
     shards: str

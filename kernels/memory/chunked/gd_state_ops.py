@@ -121,7 +121,7 @@ def update_backward(grad: Tensor, ws: Tensor, delta: Tensor, x: Tensor, coef: Te
 
     dws and scratch are reused buffers: a fresh state-sized tensor per chunk costs its page faults.
     """
-    (gw, gs), (w, s), (dw, ds) = halves(grad), halves(ws), halves(dws)
+    (gw, gs), (_, s), (dw, ds) = halves(grad), halves(ws), halves(dws)
     scale = ends[:, :, None, None]
     torch.mul(gw, scale[:, 0], out=dw)
     torch.mul(gs, scale[:, 2], out=ds).addcmul_(gw, scale[:, 1])

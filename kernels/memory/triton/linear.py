@@ -2,7 +2,7 @@
 autograd. Kernels in `linear_kernels.py`; coverage and the entry point in `__init__.py`."""
 from __future__ import annotations
 
-from typing import Dict, NamedTuple, Optional, Tuple
+from typing import Dict, NamedTuple
 
 import torch
 
